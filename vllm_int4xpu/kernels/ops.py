@@ -1,0 +1,43 @@
+"""The one torch custom op every backend is called through: ``torch.ops.int4xpu.linear``.
+
+Opaque to torch.compile / vLLM's compiled mode (a fake implementation gives the output shape),
+and free of Python side effects, so graphs capture it safely.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+
+from .base import Int4Kernel, Int4LinearSpec
+from .selector import load_backend
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(backend: str, spec_key: str) -> Int4Kernel:
+    return load_backend(backend)(Int4LinearSpec.from_key(spec_key))
+
+
+@torch.library.custom_op("int4xpu::linear", mutates_args=())
+def int4_linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: Optional[torch.Tensor],
+                   backend: str, spec_key: str) -> torch.Tensor:
+    kernel = _kernel(backend, spec_key)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = kernel.apply(tensors, x2, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@int4_linear_op.register_fake
+def _(x, tensors, bias, backend, spec_key):
+    n = Int4LinearSpec.from_key(spec_key).out_features
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def int4_linear(x: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str,
+                spec: Int4LinearSpec, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) through the chosen backend's prepared tensors."""
+    return torch.ops.int4xpu.linear(x, list(tensors), bias, backend, spec.key())
