@@ -15,13 +15,16 @@ from typing import Optional
 from ..errors import Int4FormatError
 from .base import Int4Kernel, Int4LinearSpec
 
-logger = logging.getLogger("vllm_int4xpu")
+logger = logging.getLogger("vllm.int4xpu")
 
 ENV_BACKEND = "VLLM_INT4XPU_BACKEND"
 
 # name -> "module:Class" (imported lazily: importing Triton or probing XPU ops is not free).
 BACKENDS: dict[str, str] = {
     "xpu_onednn": "vllm_int4xpu.kernels.xpu_onednn:XpuOneDnnKernel",
+    # Optional Intel GPU backends, used only when their package is importable and compatible.
+    "xpu_vllm_kernels": "vllm_int4xpu.kernels.xpu_vllm_kernels:XpuVllmKernelsKernel",
+    "ipex": "vllm_int4xpu.kernels.ipex:IpexKernel",
     "triton": "vllm_int4xpu.kernels.triton_backend:TritonKernel",
     "cpu": "vllm_int4xpu.kernels.cpu:CpuKernel",
     "reference": "vllm_int4xpu.kernels.reference:ReferenceKernel",
@@ -29,7 +32,9 @@ BACKENDS: dict[str, str] = {
 
 # Preference order per device type.
 ORDER: dict[str, tuple[str, ...]] = {
-    "xpu": ("xpu_onednn", "triton", "reference"),
+    # oneDNN through torch first; vllm-xpu-kernels is the same oneDNN primitive for torch builds
+    # without the aten op; IPEX is pinned to one torch minor version and unverified: after Triton.
+    "xpu": ("xpu_onednn", "xpu_vllm_kernels", "triton", "ipex", "reference"),
     "cuda": ("triton", "reference"),
     "cpu": ("cpu", "reference"),
 }

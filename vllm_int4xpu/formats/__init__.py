@@ -1,0 +1,41 @@
+"""Checkpoint format adapters (disk -> canonical Int4Weight). No vLLM, no kernels here."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .base import ACT_DTYPE, CheckpointFormat, LayerGeometry, TensorSpec
+from .autoround import AutoRoundFormat
+from .awq import AWQFormat
+from .compressed_tensors import CompressedTensorsFormat
+from .gptq import GPTQFormat
+from .native import NativeFormat
+
+# Detection order: the first whose ``matches`` accepts the config wins (native first).
+FORMATS: list[type[CheckpointFormat]] = [NativeFormat, GPTQFormat, AWQFormat,
+                                         CompressedTensorsFormat, AutoRoundFormat]
+
+
+def detect_format(hf_quant_cfg: Optional[dict[str, Any]]) -> Optional[type[CheckpointFormat]]:
+    if not hf_quant_cfg:
+        return None
+    for fmt in FORMATS:
+        if fmt.matches(hf_quant_cfg):
+            return fmt
+    return None
+
+
+def parse_format(hf_quant_cfg: dict[str, Any]) -> CheckpointFormat:
+    from ..errors import Int4FormatError
+
+    fmt = detect_format(hf_quant_cfg)
+    if fmt is None:
+        raise Int4FormatError("unsupported int4 checkpoint format", file="config.json",
+                              tensor="quantization_config.quant_method",
+                              expected=[f.name for f in FORMATS],
+                              found=(hf_quant_cfg or {}).get("quant_method"))
+    return fmt.from_hf_config(hf_quant_cfg)
+
+
+__all__ = ["ACT_DTYPE", "CheckpointFormat", "LayerGeometry", "TensorSpec", "NativeFormat",
+           "FORMATS", "detect_format", "parse_format"]

@@ -1,0 +1,122 @@
+"""What a checkpoint format adapter is: disk tensors -> canonical :class:`Int4Weight`.
+
+A format describes, per linear layer, which tensors it reads (:class:`TensorSpec`: name, the
+per-partition shape, dtype, and which dims are the output / input / packed dims) and how those
+tensors become the canonical weight (:meth:`CheckpointFormat.to_canonical`). The vLLM adapter
+turns each TensorSpec into vLLM's parameter classes, so tensor-parallel sharding (including
+tensors packed along the output dim) is vLLM's own machinery. Formats never import vLLM and
+never know which kernel backend will run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+from ..errors import Int4FormatError
+from ..weight import Int4Weight, ZeroKind
+
+ACT_DTYPE = "act"  # TensorSpec.dtype placeholder: the model's activation/params dtype
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One per-layer checkpoint tensor, as held by one tensor-parallel partition."""
+
+    name: str  # suffix after the layer prefix, e.g. "qweight"
+    shape: tuple[int, ...]  # per-partition shape (packed dims already divided)
+    dtype: Union[torch.dtype, str]  # or ACT_DTYPE
+    output_dim: Optional[int] = None  # dim sharded by column parallelism
+    input_dim: Optional[int] = None  # dim sharded by row parallelism (None = replicated)
+    packed_dim: Optional[int] = None  # dim holding packed codes
+    packed_factor: int = 1
+    optional: bool = False  # absent from some checkpoints (e.g. g_idx)
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Sizes of one linear layer partition (K = in, N = out)."""
+
+    in_per_partition: int
+    out_per_partition: int
+    in_full: int
+    out_full: int
+
+    @property
+    def row_parallel(self) -> bool:
+        return self.in_per_partition != self.in_full
+
+
+@dataclass
+class CheckpointFormat(ABC):
+    """A parsed ``quantization_config`` of one checkpoint format."""
+
+    name: ClassVar[str]
+    bits: int = 4
+    group_size: int = 128  # -1 = per-channel
+    zero_kind: ZeroKind = ZeroKind.NONE
+    act_order: bool = False
+    skip_modules: list[str] = field(default_factory=list)  # not quantized (patterns or prefixes)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- class-level detection
+    @classmethod
+    @abstractmethod
+    def matches(cls, hf_quant_cfg: dict[str, Any]) -> bool:
+        """Is this checkpoint config of this format?"""
+
+    @classmethod
+    @abstractmethod
+    def from_hf_config(cls, hf_quant_cfg: dict[str, Any]) -> "CheckpointFormat":
+        """Parse and validate (bits must be 4...); raise Int4FormatError on bad config."""
+
+    # ----------------------------------------------------------------- per layer
+    @abstractmethod
+    def tensor_specs(self, geo: LayerGeometry) -> list[TensorSpec]:
+        """Tensors of one layer partition."""
+
+    @abstractmethod
+    def to_canonical(self, tensors: dict[str, torch.Tensor], geo: LayerGeometry) -> Int4Weight:
+        """Convert one loaded layer partition to the canonical weight (not yet validated)."""
+
+    def group_size_for(self, geo: LayerGeometry) -> int:
+        """Canonical group size of a partition (per-channel -> the partition's K)."""
+        return geo.in_per_partition if self.group_size in (-1, 0, None) else self.group_size
+
+    def is_layer_quantized(self, prefix: str) -> bool:
+        """False for modules the checkpoint left unquantized (skip/ignore lists)."""
+        return not any(_module_matches(prefix, p) for p in self.skip_modules)
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.name, "bits": self.bits,
+                "group_size": "channel" if self.group_size in (-1, 0, None) else self.group_size,
+                "zero_point": self.zero_kind.value, "act_order": self.act_order}
+
+
+def check_bits(bits: Any, fmt: str) -> int:
+    if bits != 4:
+        raise Int4FormatError(f"{fmt}: only 4-bit weights are supported", file="config.json",
+                              tensor="quantization_config.bits", expected=4, found=bits)
+    return 4
+
+
+def check_group_size(group_size: Any, fmt: str) -> int:
+    if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+        raise Int4FormatError(f"{fmt}: bad group size", file="config.json",
+                              tensor="quantization_config.group_size",
+                              expected="a positive int or -1", found=group_size)
+    return group_size
+
+
+def _module_matches(prefix: str, pattern: str) -> bool:
+    """Match a vLLM layer prefix against a skip entry: a name, a dotted suffix, or 're:' regex."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], prefix) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatch(prefix, pattern)
+    return prefix == pattern or prefix.endswith("." + pattern) or ("." + pattern + ".") in ("." + prefix + ".")

@@ -1,0 +1,245 @@
+"""The vLLM adapter: ``--quantization int4xpu`` (the only module that speaks vLLM's API).
+
+* :class:`Int4XPUConfig` parses any supported checkpoint format (see :mod:`vllm_int4xpu.formats`)
+  and, through ``override_quantization_method``, claims foreign int4 checkpoints (GPTQ, AWQ, ...)
+  when the user asks for ``int4xpu``; without the flag vLLM keeps its own methods.
+* :class:`Int4XPULinearMethod` creates the format's tensors as vLLM parameters (so tensor
+  parallelism shards them), converts them once to the canonical weight after loading, lets the
+  kernel selector pick a backend, and computes through the ``int4xpu::linear`` custom op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+
+from .errors import Int4FormatError
+from .formats import ACT_DTYPE, CheckpointFormat, LayerGeometry, TensorSpec, detect_format, parse_format
+from .kernels import Int4LinearSpec, select_kernel
+from .kernels.ops import int4_linear
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
+                                               UnquantizedLinearMethod,
+                                               register_weight_loader_v2_supported_method)
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
+                                           GroupQuantScaleParameter, PackedColumnParameter,
+                                           PackedvLLMParameter, RowvLLMParameter)
+
+
+logger = logging.getLogger("vllm.int4xpu")
+
+NAME = "int4xpu"
+
+
+def register_with_vllm() -> None:
+    """Register the quantization config with vLLM (called by the plugin entry point)."""
+    from vllm.model_executor.layers.quantization import (QUANTIZATION_METHODS,
+                                                         register_quantization_config)
+
+    if NAME in QUANTIZATION_METHODS:
+        from vllm.model_executor.layers.quantization import get_quantization_config
+        try:
+            existing = get_quantization_config(NAME)
+        except Exception:  # pragma: no cover - defensive
+            existing = None
+        if existing is not None and existing.__module__ != __name__:
+            logger.warning("int4xpu: a quantization method named %r is already registered by %s; "
+                           "leaving it in place", NAME, existing.__module__)
+            return
+        if existing is not None:
+            return
+    register_quantization_config(NAME)(Int4XPUConfig)
+
+
+class Int4XPUConfig(QuantizationConfig):
+    """int4 weight-only quantization for any supported checkpoint format."""
+
+    def __init__(self, fmt: Optional[CheckpointFormat] = None) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.model_dir: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"Int4XPUConfig({self.fmt.describe() if self.fmt else 'no checkpoint format'})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return NAME
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Int4XPUConfig":
+        return cls(parse_format(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        # Claim a foreign checkpoint only when the user asked for int4xpu; our own native
+        # checkpoints are ours either way.
+        fmt = detect_format(hf_quant_cfg)
+        if fmt is None:
+            return None
+        if user_quant == NAME or (user_quant is None and fmt.name == NAME):
+            return NAME
+        return None
+
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        # vLLM's default mapper drops ``.g_idx``; act-order checkpoints need it.
+        return WeightsMapper()
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
+        self.model_dir = model_name if os.path.isdir(model_name) else None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        if self.fmt is None:
+            raise Int4FormatError("int4xpu needs an int4 checkpoint (make one with "
+                                  "`vllm-int4xpu quantize SRC OUT`)", tensor=prefix,
+                                  expected="config.json quantization_config", found=None)
+        if not self._is_quantized(prefix):
+            return UnquantizedLinearMethod()
+        return Int4XPULinearMethod(self, prefix)
+
+    def _is_quantized(self, prefix: str) -> bool:
+        # A fused vLLM layer (qkv_proj) is quantized iff its checkpoint shards are.
+        last = prefix.rsplit(".", 1)[-1]
+        shards = self.packed_modules_mapping.get(last)
+        if not shards:
+            return self.fmt.is_layer_quantized(prefix)
+        base = prefix[: -len(last)]
+        flags = {self.fmt.is_layer_quantized(base + s) for s in shards}
+        if len(flags) > 1:
+            raise Int4FormatError("fused layer has both quantized and unquantized parts",
+                                  tensor=prefix, expected="all or none of " + ", ".join(shards),
+                                  found="a mix")
+        return flags.pop()
+
+    def file_of(self, tensor_name: str) -> Optional[str]:
+        """The checkpoint file holding ``tensor_name`` (for error messages)."""
+        if not self.model_dir:
+            return None
+        idx = os.path.join(self.model_dir, "model.safetensors.index.json")
+        if os.path.exists(idx):
+            with open(idx) as f:
+                wm = json.load(f).get("weight_map", {})
+            return wm.get(tensor_name, os.path.basename(idx))
+        single = os.path.join(self.model_dir, "model.safetensors")
+        return "model.safetensors" if os.path.exists(single) else None
+
+def _make_param(spec: TensorSpec, data: torch.Tensor, loader):
+    kw = dict(data=data, weight_loader=loader)
+    if spec.output_dim is not None and spec.input_dim is not None:
+        if spec.packed_dim is not None:
+            return PackedvLLMParameter(input_dim=spec.input_dim, output_dim=spec.output_dim,
+                                       packed_dim=spec.packed_dim,
+                                       packed_factor=spec.packed_factor, **kw)
+        return GroupQuantScaleParameter(output_dim=spec.output_dim, input_dim=spec.input_dim, **kw)
+    if spec.output_dim is not None:
+        if spec.packed_dim is not None:
+            return PackedColumnParameter(output_dim=spec.output_dim, packed_dim=spec.packed_dim,
+                                         packed_factor=spec.packed_factor, **kw)
+        return ChannelQuantScaleParameter(output_dim=spec.output_dim, **kw)
+    if spec.input_dim is not None:
+        return RowvLLMParameter(input_dim=spec.input_dim, **kw)
+    return BasevLLMParameter(**kw)
+
+
+@register_weight_loader_v2_supported_method
+class Int4XPULinearMethod(LinearMethodBase):
+    """Linear method: format tensors -> canonical weight -> chosen kernel backend."""
+
+    def __init__(self, config: Int4XPUConfig, prefix: str):
+        self.config = config
+        self.fmt = config.fmt
+        self.prefix = prefix
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes,
+                       input_size, output_size, params_dtype, **extra_weight_attrs):
+        geo = LayerGeometry(input_size_per_partition, sum(output_partition_sizes),
+                            input_size, output_size)
+        loader = extra_weight_attrs.get("weight_loader")
+        specs = self.fmt.tensor_specs(geo)
+        layer.int4_geometry = geo
+        layer.int4_specs = specs
+        layer.int4_params_dtype = params_dtype
+        layer.int4_expected_loads = max(1, len(output_partition_sizes))
+        for spec in specs:
+            dtype = params_dtype if spec.dtype == ACT_DTYPE else spec.dtype
+            data = torch.empty(spec.shape, dtype=dtype)
+            param = _make_param(spec, data, self._tracking_loader(loader, spec.name))
+            param.int4_loads = 0
+            layer.register_parameter(spec.name, param)
+
+    def _tracking_loader(self, loader, name: str):
+        """Count loads per tensor (missing tensors are errors) and name bad shapes."""
+        full = f"{self.prefix}.{name}"
+        config = self.config
+
+        def load(param, loaded_weight, *args, **kwargs):
+            param.int4_loads += 1
+            try:
+                return loader(param, loaded_weight, *args, **kwargs)
+            except (AssertionError, RuntimeError) as e:
+                raise Int4FormatError(f"tensor does not fit the layer ({e or 'shape mismatch'})",
+                                      file=config.file_of(full), tensor=full,
+                                      expected=f"{list(param.shape)} (this partition, {param.dtype})",
+                                      found=f"{list(loaded_weight.shape)} {loaded_weight.dtype}"
+                                      ) from None
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        geo: LayerGeometry = layer.int4_geometry
+        tensors = {}
+        for spec in layer.int4_specs:
+            param = getattr(layer, spec.name)
+            if param.int4_loads == 0:
+                if spec.optional:
+                    continue
+                full = f"{self.prefix}.{spec.name}"
+                raise Int4FormatError("tensor missing from checkpoint", file=self.config.file_of(full)
+                                      or self.config.model_dir, tensor=full,
+                                      expected=f"{list(spec.shape)} per partition", found="nothing")
+            tensors[spec.name] = param.data
+        try:
+            w = self.fmt.to_canonical(tensors, geo)
+            w.validate(name=self.prefix)
+        except Int4FormatError as e:
+            raise e.with_context(file=e.file or self.config.file_of(f"{self.prefix}.qweight")) from None
+        device = w.qweight.device
+        spec = Int4LinearSpec.of(w, layer.int4_params_dtype, device.type)
+        kernel_cls = select_kernel(spec)
+        prepared = kernel_cls(spec).prepare(w)
+        for s in layer.int4_specs:
+            delattr(layer, s.name)
+        names = []
+        for name in kernel_cls.tensor_names:
+            attr = f"int4_{name}"
+            layer.register_parameter(attr, torch.nn.Parameter(prepared[name], requires_grad=False))
+            names.append(attr)
+        layer.int4_tensor_names = tuple(names)
+        layer.int4_backend = kernel_cls.name
+        layer.int4_spec = spec
+
+    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        tensors = [getattr(layer, n) for n in layer.int4_tensor_names]
+        return int4_linear(x, tensors, layer.int4_backend, layer.int4_spec, bias)
+
+
+
