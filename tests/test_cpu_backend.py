@@ -1,0 +1,109 @@
+"""CPU and reference backends against the float64 oracle; the selector's choices and refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vllm_int4xpu.errors import Int4FormatError
+from vllm_int4xpu.kernels import Int4Linear, Int4LinearSpec, select_kernel
+from vllm_int4xpu.kernels import cpu as cpu_mod
+from vllm_int4xpu.weight import ZeroKind, quantize_rtn, reference_linear
+
+KINDS = [ZeroKind.NONE, ZeroKind.INT, ZeroKind.FLOAT]
+TOL = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("M", [1, 5, 130])  # 130 takes the CPU backend's dense path
+def test_backend_matches_float64(backend, kind, group, M):
+    torch.manual_seed(group + M)
+    N, K = 80, 512
+    w = quantize_rtn(torch.randn(N, K), group, kind)
+    lin = Int4Linear(w, torch.bfloat16, "cpu", backend=backend)
+    assert lin.backend == backend
+    x = torch.randn(M, K, dtype=torch.bfloat16)
+    bias = torch.randn(N, dtype=torch.bfloat16)
+    assert rel_err(lin(x, bias), reference_linear(x, w, bias)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [3, 129])
+def test_cpu_backend_other_dtypes(dtype, M):
+    torch.manual_seed(7)
+    w = quantize_rtn(torch.randn(64, 256), 64, ZeroKind.INT, scale_dtype=dtype)
+    lin = Int4Linear(w, dtype, "cpu", backend="cpu")
+    x = torch.randn(M, 256, dtype=dtype)
+    assert rel_err(lin(x), reference_linear(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("M", [2, 140])
+def test_cpu_backend_act_order_and_3d_input(M):
+    torch.manual_seed(8)
+    w = quantize_rtn(torch.randn(48, 256), 64, ZeroKind.INT)
+    w.g_idx = (torch.randperm(256) // 64).to(torch.int32)
+    lin = Int4Linear(w, torch.float32, "cpu", backend="cpu")
+    x = torch.randn(2, M, 256)
+    y = lin(x)
+    assert y.shape == (2, M, 48)
+    assert rel_err(y.reshape(-1, 48), reference_linear(x.reshape(-1, 256), w)) < 1e-5
+
+
+def test_a_wrong_zero_point_is_caught():
+    """The oracle check fails if the backend mishandles zero points (test can fail)."""
+    torch.manual_seed(9)
+    w = quantize_rtn(torch.randn(32, 128), 32, ZeroKind.INT)
+    lin = Int4Linear(w, torch.float32, "cpu", backend="cpu")
+    w.zeros = (w.zeros + 1).clamp(max=15)
+    x = torch.randn(4, 128)
+    assert rel_err(lin(x), reference_linear(x, w)) > 1e-2
+
+
+def test_selector_prefers_cpu_and_logs_refusals(caplog):
+    w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
+    spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
+    with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
+        assert select_kernel(spec).name == "cpu"
+    # group 16 is outside the CPU op's support: falls back with the reason logged
+    w16 = quantize_rtn(torch.randn(64, 128), 16, ZeroKind.INT)
+    spec16 = Int4LinearSpec.of(w16, torch.bfloat16, "cpu")
+    with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
+        assert select_kernel(spec16).name == "reference"
+    assert any("reference" in r.message and "group size 16" in r.message for r in caplog.records)
+
+
+def test_env_override_forces_and_refuses(monkeypatch):
+    w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
+    spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
+    monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "reference")
+    assert select_kernel(spec).name == "reference"
+    monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "xpu_onednn")
+    with pytest.raises(Int4FormatError, match="forced backend 'xpu_onednn'"):
+        select_kernel(spec)
+    monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "nope")
+    with pytest.raises(Int4FormatError, match="unknown kernel backend"):
+        select_kernel(spec)
+
+
+def test_cpu_refuses_n_not_multiple_of_16():
+    spec = Int4LinearSpec(128, 24, 64, ZeroKind.INT, False, torch.bfloat16, "cpu")
+    ok, why = cpu_mod.CpuKernel.can_implement(spec)
+    assert not ok and "multiple of 16" in why
+
+
+def test_custom_op_traces_under_torch_compile():
+    """The custom op has a fake implementation, so torch.compile(fullgraph) traces through it."""
+    torch.manual_seed(10)
+    w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.FLOAT)
+    lin = Int4Linear(w, torch.float32, "cpu", backend="cpu")
+    f = torch.compile(lambda x: torch.relu(lin(x)) * 2, fullgraph=True, backend="eager")
+    x = torch.randn(3, 128)
+    assert torch.allclose(f(x), torch.relu(lin(x)) * 2)

@@ -1,0 +1,274 @@
+"""``python -m vllm_int4xpu.selfcheck``: run every kernel backend here against the float64 reference.
+
+For the chosen device it walks all registered backends (``kernels.selector.BACKENDS``), skips the
+ones that refuse (printing why), and runs the others on random weights: group sizes 32, 64, 128 and
+per-channel; symmetric, integer and float zero points; act-order; several batch sizes. Each output
+is compared with :func:`vllm_int4xpu.weight.reference_linear` in float64. It then times one
+decode-sized layer per backend and reports the weight bytes streamed per second (GB/s) next to a
+bf16 ``F.linear`` of the same shape. Exit status 1 on any mismatch or error.
+
+Imports no vLLM: it runs on a plain torch install (CPU, CUDA or XPU). ``--quick`` (CI) takes
+seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .weight import Int4Weight, ZeroKind, quantize_rtn, reference_linear
+
+# Relative error (||y - ref|| / ||ref||) allowed per activation dtype: a few roundings of the dtype
+# (outputs and, for dequantizing backends, weights), far below what a wrong group, zero point or
+# permutation produces (> 0.1 on random data).
+TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-3}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    K: int
+    N: int
+    group: int  # -1: per-channel
+    zero_kind: ZeroKind
+    act_order: bool
+    M: int
+    dtype: torch.dtype = torch.bfloat16
+
+    def label(self) -> str:
+        g = "chan" if self.group == -1 else str(self.group)
+        return (f"K={self.K} N={self.N} g={g} zp={self.zero_kind.value}"
+                f"{' act' if self.act_order else ''} M={self.M} "
+                f"{str(self.dtype).replace('torch.', '')}")
+
+
+@dataclass
+class Result:
+    backend: str
+    case: Optional[Case]
+    status: str  # PASS | FAIL | SKIP
+    rel_err: Optional[float] = None
+    note: str = ""
+
+
+def make_cases(quick: bool) -> list[Case]:
+    groups = (32, 64, 128, -1)
+    kinds = (ZeroKind.NONE, ZeroKind.INT, ZeroKind.FLOAT)
+    shapes = [(256, 128)] if quick else [(256, 128), (1024, 384), (4096, 1024)]
+    ms = (1, 7) if quick else (1, 5, 64)
+    cases = []
+    for si, (K, N) in enumerate(shapes):
+        for gi, g in enumerate(groups):
+            for zi, z in enumerate(kinds):
+                cases.append(Case(K, N, g, z, False, ms[(si + gi + zi) % len(ms)]))
+        # act-order (desc_act): one integer-zp and one float-zp layer per shape
+        cases.append(Case(K, N, 64, ZeroKind.INT, True, ms[si % len(ms)]))
+        cases.append(Case(K, N, 128, ZeroKind.FLOAT, True, ms[(si + 1) % len(ms)]))
+    for z in kinds:  # float16 activations
+        cases.append(Case(256, 128, 128, z, z == ZeroKind.INT, 3, torch.float16))
+    if not quick:
+        cases.append(Case(1024, 384, 128, ZeroKind.INT, False, 4, torch.float32))
+    return cases
+
+
+def make_weight(case: Case, gen: torch.Generator) -> Int4Weight:
+    dense = torch.randn(case.N, case.K, generator=gen)
+    w = quantize_rtn(dense, case.group, case.zero_kind, scale_dtype=case.dtype)
+    if case.act_order:
+        g = w.group_size
+        w.g_idx = (torch.randperm(case.K, generator=gen) // g).to(torch.int32)
+    return w
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in float64 (inf when y has NaN/inf or the wrong shape)."""
+    if tuple(y.shape) != tuple(ref.shape):
+        return float("inf")
+    y64 = y.detach().to("cpu", torch.float64)
+    if not torch.isfinite(y64).all():
+        return float("inf")
+    return float((y64 - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def compare(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
+    err = relative_error(y, ref)
+    return err <= TOLERANCE[dtype], err
+
+
+def pick_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def device_available(dev: str) -> bool:
+    if dev == "cpu":
+        return True
+    if dev == "cuda":
+        return torch.cuda.is_available()
+    if dev == "xpu":
+        return hasattr(torch, "xpu") and torch.xpu.is_available()
+    return False
+
+
+def synchronize(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    elif dev == "xpu":
+        torch.xpu.synchronize()
+
+
+def best_time(fn, dev: str, rounds: int, min_sample_s: float = 2e-3) -> float:
+    """Best-of-``rounds`` seconds per call (min: shared machines only ever add time)."""
+    fn()
+    synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(dev)
+    reps = max(1, int(min_sample_s / max(time.perf_counter() - t0, 1e-7)))
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        synchronize(dev)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def backend_names(dev: str, only: Optional[list[str]]) -> list[str]:
+    from .kernels.selector import BACKENDS, ORDER
+
+    names = list(ORDER.get(dev, ())) + [n for n in BACKENDS if n not in ORDER.get(dev, ())]
+    names = [n for n in names if n in BACKENDS]
+    if only:
+        unknown = [n for n in only if n not in BACKENDS]
+        if unknown:
+            raise SystemExit(f"selfcheck: unknown backend(s) {unknown}; known: {sorted(BACKENDS)}")
+        names = [n for n in names if n in only]
+    return names
+
+
+def run_accuracy(names: list[str], dev: str, cases: list[Case], seed: int) -> list[Result]:
+    from .kernels import Int4Linear, Int4LinearSpec, check_backend
+
+    results = []
+    for ci, case in enumerate(cases):
+        gen = torch.Generator().manual_seed(seed + ci)
+        w = make_weight(case, gen)
+        x = torch.randn(case.M, case.K, generator=gen).to(case.dtype)
+        bias = torch.randn(case.N, generator=gen).to(case.dtype) if ci % 2 else None
+        ref = reference_linear(x, w, bias)
+        spec = Int4LinearSpec.of(w, case.dtype, dev)
+        for name in names:
+            ok, why = check_backend(name, spec)
+            if not ok:
+                results.append(Result(name, case, "SKIP", note=why))
+                continue
+            try:
+                layer = Int4Linear(w.to(dev), case.dtype, dev, backend=name)
+                y = layer(x.to(dev), None if bias is None else bias.to(dev))
+                synchronize(dev)
+                good, err = compare(y, ref, case.dtype)
+                results.append(Result(name, case, "PASS" if good else "FAIL", err,
+                                      "" if good else f"tolerance {TOLERANCE[case.dtype]:g}"))
+            except Exception as e:  # a crash is a failure of that backend, not of the check
+                results.append(Result(name, case, "FAIL", None, f"{type(e).__name__}: {e}"[:160]))
+    return results
+
+
+def run_speed(names: list[str], dev: str, quick: bool, seed: int) -> list[str]:
+    """One decode-sized layer per backend: weight bytes per second vs bf16 F.linear."""
+    from .kernels import Int4Linear, Int4LinearSpec, check_backend
+
+    K, N, M, g = (1024, 1024, 1, 128) if quick else (4096, 4096, 1, 128)
+    rounds = 5 if quick else 20
+    gen = torch.Generator().manual_seed(seed)
+    dense = torch.randn(N, K, generator=gen)
+    w = quantize_rtn(dense, g, ZeroKind.INT, scale_dtype=torch.bfloat16)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16).to(dev)
+    w_bf16 = dense.to(torch.bfloat16).to(dev)
+    t_bf16 = best_time(lambda: F.linear(x, w_bf16), dev, rounds)
+    bf16_bytes = N * K * 2
+    int4_bytes = N * K // 2 + w.scales.numel() * 2 + w.zeros.numel()  # codes + bf16 scales + zp
+    lines = [f"speed: K={K} N={N} M={M} g={g} int zp bf16 on {dev}; "
+             f"bf16 F.linear {t_bf16 * 1e6:.1f} us = {bf16_bytes / t_bf16 / 1e9:.1f} GB/s",
+             f"  {'backend':<18} {'us':>9} {'GB/s':>8} {'speedup vs bf16':>16}"]
+    spec = Int4LinearSpec.of(w, torch.bfloat16, dev)
+    for name in names:
+        ok, why = check_backend(name, spec)
+        if not ok:
+            continue
+        try:
+            layer = Int4Linear(w.to(dev), torch.bfloat16, dev, backend=name)
+            t = best_time(lambda: layer(x), dev, rounds)
+            lines.append(f"  {name:<18} {t * 1e6:>9.1f} {int4_bytes / t / 1e9:>8.1f} "
+                         f"{t_bf16 / t:>15.2f}x")
+        except Exception as e:
+            lines.append(f"  {name:<18} error: {type(e).__name__}: {e}"[:160])
+    return lines
+
+
+def print_report(results: list[Result], names: list[str], dev: str) -> None:
+    print(f"{'backend':<18} {'case':<44} {'result':<6} {'rel err':>9}  note")
+    print("-" * 96)
+    for name in names:
+        mine = [r for r in results if r.backend == name]
+        ran = [r for r in mine if r.status != "SKIP"]
+        for r in ran:
+            err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
+            print(f"{name:<18} {r.case.label():<44} {r.status:<6} {err:>9}  {r.note}")
+        skipped = {}
+        for r in mine:
+            if r.status == "SKIP":
+                skipped.setdefault(r.note, []).append(r)
+        for why, rs in skipped.items():
+            what = "all cases" if not ran and len(skipped) == 1 else f"{len(rs)} case(s)"
+            print(f"{name:<18} {'skipped ' + what:<44} {'SKIP':<6} {'-':>9}  {why}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="vllm-int4xpu selfcheck", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "xpu", "cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small shapes, a few seconds (CI)")
+    ap.add_argument("--backends", default="", help="comma list: only these backends")
+    ap.add_argument("--no-speed", action="store_true", help="skip the GB/s measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    dev = pick_device(args.device)
+    if not device_available(dev):
+        print(f"selfcheck: device {dev!r} is not available in this torch build "
+              f"(torch {torch.__version__})", file=sys.stderr)
+        return 2
+    names = backend_names(dev, [n for n in args.backends.split(",") if n] or None)
+    t0 = time.perf_counter()
+    print(f"vllm-int4xpu selfcheck on {dev} (torch {torch.__version__}); "
+          f"backends: {', '.join(names)}")
+    results = run_accuracy(names, dev, make_cases(args.quick), args.seed)
+    print_report(results, names, dev)
+    if not args.no_speed:
+        for line in run_speed(names, dev, args.quick, args.seed):
+            print(line)
+    failed = [r for r in results if r.status == "FAIL"]
+    passed = [r for r in results if r.status == "PASS"]
+    print(f"{len(passed)} passed, {len(failed)} failed, "
+          f"{sum(r.status == 'SKIP' for r in results)} skipped in {time.perf_counter() - t0:.1f}s")
+    if not passed and not failed:
+        print("selfcheck: no backend ran on this device", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
