@@ -98,10 +98,11 @@ class Int4XPUConfig(QuantizationConfig):
             return NAME
         return None
 
-    @staticmethod
-    def get_checkpoint_weight_mapper():
-        # vLLM's default mapper drops ``.g_idx``; act-order checkpoints need it.
-        return WeightsMapper()
+    def get_checkpoint_weight_mapper(self):
+        # vLLM's default mapper drops ``.g_idx``; act-order checkpoints need it. Formats may
+        # name metadata tensors to drop (HQQ's per-layer .shape, .nbits, ...).
+        drop = getattr(self.fmt, "dropped_suffixes", ()) if self.fmt is not None else ()
+        return WeightsMapper(orig_to_new_suffix={s: None for s in drop})
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         self.model_dir = model_name if os.path.isdir(model_name) else None
@@ -183,17 +184,22 @@ class Int4XPULinearMethod(LinearMethodBase):
         for spec in specs:
             dtype = params_dtype if spec.dtype == ACT_DTYPE else spec.dtype
             data = torch.empty(spec.shape, dtype=dtype)
-            param = _make_param(spec, data, self._tracking_loader(loader, spec.name))
+            param = _make_param(spec, data, self._tracking_loader(loader, spec.name, geo))
             param.int4_loads = 0
             layer.register_parameter(spec.name, param)
 
-    def _tracking_loader(self, loader, name: str):
+    def _tracking_loader(self, loader, name: str, geo: LayerGeometry):
         """Count loads per tensor (missing tensors are errors) and name bad shapes."""
         full = f"{self.prefix}.{name}"
         config = self.config
+        fmt = self.fmt
 
         def load(param, loaded_weight, *args, **kwargs):
             param.int4_loads += 1
+            try:  # formats whose disk layout vLLM cannot shard convert whole tensors first
+                loaded_weight = fmt.prepare_loaded(name, loaded_weight, geo)
+            except Int4FormatError as e:
+                raise e.with_context(file=e.file or config.file_of(full), tensor=full) from None
             try:
                 return loader(param, loaded_weight, *args, **kwargs)
             except (AssertionError, RuntimeError) as e:

@@ -9,11 +9,14 @@ from .autoround import AutoRoundFormat
 from .awq import AWQFormat
 from .compressed_tensors import CompressedTensorsFormat
 from .gptq import GPTQFormat
+from .hqq import HQQFormat
 from .native import NativeFormat
+from .torchao import TorchAOFormat
 
 # Detection order: the first whose ``matches`` accepts the config wins (native first).
 FORMATS: list[type[CheckpointFormat]] = [NativeFormat, GPTQFormat, AWQFormat,
-                                         CompressedTensorsFormat, AutoRoundFormat]
+                                         CompressedTensorsFormat, AutoRoundFormat, HQQFormat,
+                                         TorchAOFormat]
 
 
 def detect_format(hf_quant_cfg: Optional[dict[str, Any]]) -> Optional[type[CheckpointFormat]]:

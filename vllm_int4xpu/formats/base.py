@@ -88,6 +88,17 @@ class CheckpointFormat(ABC):
         """Canonical group size of a partition (per-channel -> the partition's K)."""
         return geo.in_per_partition if self.group_size in (-1, 0, None) else self.group_size
 
+    # Checkpoint tensor suffixes that are metadata, not weights (dropped before loading).
+    dropped_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def prepare_loaded(self, name: str, tensor: torch.Tensor, geo: LayerGeometry) -> torch.Tensor:
+        """Hook on each *whole* checkpoint tensor before vLLM shards it (default: unchanged).
+
+        For layouts that vLLM's parameter classes cannot shard (HQQ's row-split packing):
+        return the tensor in a layout its TensorSpec describes. ``geo`` is the layer's.
+        """
+        return tensor
+
     def is_layer_quantized(self, prefix: str) -> bool:
         """False for modules the checkpoint left unquantized (skip/ignore lists)."""
         return not any(_module_matches(prefix, p) for p in self.skip_modules)
