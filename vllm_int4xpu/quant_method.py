@@ -200,6 +200,14 @@ class Int4XPULinearMethod(LinearMethodBase):
                 loaded_weight = fmt.prepare_loaded(name, loaded_weight, geo)
             except Int4FormatError as e:
                 raise e.with_context(file=e.file or config.file_of(full), tensor=full) from None
+            if (name.endswith("g_idx") and param.int4_loads > 1
+                    and tuple(param.shape) == tuple(loaded_weight.shape)
+                    and not torch.equal(param.data, loaded_weight.to(param.dtype))):
+                # A fused layer (qkv, gate_up) holds one g_idx; its checkpoint shards share their
+                # input, so act-order checkpoints give them one permutation. Refuse otherwise.
+                raise Int4FormatError("the checkpoint shards of this fused layer carry different "
+                                      "act-order g_idx", file=config.file_of(full), tensor=full,
+                                      expected="one g_idx for all shards", found="different g_idx")
             try:
                 return loader(param, loaded_weight, *args, **kwargs)
             except (AssertionError, RuntimeError) as e:
