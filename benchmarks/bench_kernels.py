@@ -1,0 +1,294 @@
+"""Benchmark the Triton int4 GEMM against cuBLAS bf16, torch tinygemm and GemLite, with floors.
+
+    python benchmarks/bench_kernels.py            # full table (4 shapes x 12 M values)
+    python benchmarks/bench_kernels.py --quick    # subset
+    python benchmarks/bench_kernels.py --tune vllm_int4xpu/kernels/triton_configs/cuda_h100.json
+
+All contenders use the same weights (RTN, group 128, float zero points w = (q-8)*s + z, the
+only kind tinygemm takes). Each timing is a CUDA graph of one call per distinct weight copy
+(enough copies to overflow the L2), replayed; the median replay / copies is reported.
+floor = max(bytes moved / measured copy bandwidth, 2*M*N*K / measured bf16 GEMM peak).
+Imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_int4xpu.kernels.triton_backend import (choose_config, device_family,  # noqa: E402
+                                                 int4_matmul)
+from vllm_int4xpu.weight import ZeroKind, dequantize, quantize_rtn, unpack_int4  # noqa: E402
+
+SHAPES = [(4096, 6144), (4096, 28672), (14336, 4096), (8192, 57344)]  # K x N
+TUNE_SHAPES = [(4096, 28672), (14336, 4096), (4096, 6144), (8192, 57344)]
+TUNE_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048, 8192]
+QUICK_SHAPES = [(4096, 28672), (14336, 4096)]
+QUICK_MS = [1, 16, 64, 2048]
+GROUP = 128
+L2_DEFEAT_BYTES = 256 << 20  # H100 L2 is 50 MB; cycle through >= 256 MB of weights
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_graph(fns, reps=20):
+    """Median µs per call of a CUDA graph that calls each fn once (one per weight copy)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:  # warm-up outside capture (compiles, autotunes, allocator)
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    del g
+    return statistics.median(times)
+
+
+def measure_floors():
+    """(copy bandwidth B/s, bf16 GEMM peak FLOP/s), measured here."""
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    t = time_graph([lambda: dst.copy_(buf)], reps=10)
+    bw = 2 * buf.numel() / (t * 1e-6)
+    del buf, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = time_graph([lambda: a @ b], reps=10)
+    peak = 2 * 8192 ** 3 / (t * 1e-6)
+    return bw, peak
+
+
+# ------------------------------------------------------------------------------------ anchors
+def tinygemm_pack(w):
+    """torch tinygemm operands from a float-zero canonical weight (CUDA only)."""
+    codes = unpack_int4(w.qweight).to(torch.int32)  # [N, K]
+    u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)  # high nibble = even k
+    packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+    sz = torch.stack([w.scales, w.zeros], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return packed, sz
+
+
+def gemlite_linear(w):
+    """GemLite A16W4 layer on the same weight: w = (q - z')*s with z' = 8 - z/s."""
+    import gemlite
+    s = w.scales.float()
+    zq = 8.0 - w.zeros.float() / s
+    codes = unpack_int4(w.qweight)  # uint8 [N, K]
+    return gemlite.helper.A16Wn(device=str(w.qweight.device), dtype=torch.bfloat16).from_weights(
+        codes, s.t().contiguous().to(torch.bfloat16), zq.t().contiguous().to(torch.bfloat16),
+        W_nbits=4, group_size=GROUP)
+
+
+def have_gemlite():
+    try:
+        import gemlite  # noqa: F401
+        return True
+    except Exception as e:  # noqa: BLE001
+        print(f"# GemLite unavailable: {type(e).__name__}: {e}")
+        return False
+
+
+# ------------------------------------------------------------------------------------ main
+def make_weights(K, N, copies):
+    torch.manual_seed(0)
+    w0 = quantize_rtn(torch.randn(N, K, device="cuda") * 0.02, GROUP, ZeroKind.FLOAT)
+    return [w0] + [replace(w0, qweight=w0.qweight.clone(), scales=w0.scales.clone(),
+                           zeros=w0.zeros.clone()) for _ in range(copies - 1)]
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
+    int4_bytes = N * K // 2 + 2 * (K // GROUP) * N * 2
+    copies = max(2, min(48, math.ceil(L2_DEFEAT_BYTES / int4_bytes)))
+    bf16_copies = max(2, min(48, math.ceil(L2_DEFEAT_BYTES / (2 * N * K))))
+    ws = make_weights(K, N, copies)
+    dense = dequantize(ws[0], torch.float32)
+    dense_bf16 = [dense.to(torch.bfloat16) for _ in range(bf16_copies)]
+    tg = [tinygemm_pack(w) for w in ws]
+    gl = None
+    if use_gemlite:
+        try:
+            gl = [gemlite_linear(w) for w in ws]
+        except Exception as e:  # noqa: BLE001
+            print(f"# GemLite pack failed: {type(e).__name__}: {e}")
+    fam = device_family(torch.device("cuda"))
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ref = x.float() @ dense.t()
+        res = {}
+        res["ours"] = time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
+                                                          w.zero_kind, GROUP) for w in ws])
+        e_ours = rel_err(int4_matmul(x, ws[0].qweight, ws[0].scales, ws[0].zeros,
+                                     ws[0].zero_kind, GROUP), ref)
+        res["bf16"] = time_graph([lambda d=d: F.linear(x, d) for d in dense_bf16])
+        res["tinygemm"] = time_graph([lambda p=p: torch.ops.aten._weight_int4pack_mm(
+            x, p[0], GROUP, p[1]) for p in tg])
+        e_tg = rel_err(torch.ops.aten._weight_int4pack_mm(x, tg[0][0], GROUP, tg[0][1]), ref)
+        e_gl = float("nan")
+        if gl is not None:
+            try:
+                res["gemlite"] = time_graph([lambda g=g: g(x) for g in gl])
+                e_gl = rel_err(gl[0](x), ref)
+            except Exception as e:  # noqa: BLE001
+                print(f"# GemLite run failed at M={M}: {type(e).__name__}: {e}")
+        nbytes = int4_bytes + 2 * M * K + 2 * M * N
+        floor = max(nbytes / bw, 2 * M * N * K / peak) * 1e6
+        algo, cfg = choose_config(fam, M, K, N, GROUP)
+        rows.append(dict(K=K, N=N, M=M, floor_us=floor, algo=algo, err_ours=e_ours,
+                         err_tinygemm=e_tg, err_gemlite=e_gl,
+                         **{f"{k}_us": v for k, v in res.items()}))
+        r = rows[-1]
+        print(fmt_row(r), flush=True)
+        del x, ref
+
+
+HEADER = ("   K     N     M  floor_us | ours_us %floor xbf16 algo    | bf16_us %fl |"
+          " tinygemm_us %fl | gemlite_us %fl | err_ours  err_tg   err_gl")
+
+
+def fmt_row(r):
+    fl = r["floor_us"]
+
+    def pc(k):
+        v = r.get(f"{k}_us")
+        return (f"{v:10.1f} {100 * fl / v:4.0f}%") if v else f"{'-':>10} {'-':>4} "
+    o = r["ours_us"]
+    return (f"{r['K']:5d} {r['N']:5d} {r['M']:5d} {fl:9.1f} | {o:7.1f} {100 * fl / o:5.0f}% "
+            f"{r['bf16_us'] / o:5.2f} {r['algo']:7s} |{pc('bf16')} |{pc('tinygemm')}      |"
+            f"{pc('gemlite')}"
+            f"     | {r['err_ours']:.1e} {r['err_tinygemm']:.1e} {r['err_gemlite']:.1e}")
+
+
+# ------------------------------------------------------------------------------------ tuning
+def tune_candidates(M):
+    """The search space per M bucket (kept small: every distinct config is a Triton compile)."""
+    cands = []
+    if M == 1:
+        cands += [dict(algo="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=3)
+                  for bn in (16, 32, 64) for bk in (256, 512) for sk in (1, 2, 4, 8)
+                  for nw in (2, 4) if bn * bk <= 16384]
+    if M <= 512:
+        bms = {1: [16], 2: [16], 4: [16], 8: [16], 16: [16], 32: [32], 64: [32, 64],
+               128: [64, 128], 256: [128], 512: [128]}[M]
+        for bm in bms:
+            for bn in (64, 128, 256):
+                for bk in (64, 128):
+                    for sk in ((1, 2, 4) if M <= 64 else (1,)):
+                        if bm == 128 and bn == 256 and bk == 128:
+                            continue
+                        nw = 8 if (bn == 256 or bm == 128) else 4
+                        cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                          SPLIT_K=sk, num_warps=nw, num_stages=3))
+    else:  # large M: big tensor-core tiles against dequantize + cuBLAS
+        for bm, bn in ((256, 128), (128, 256), (128, 128)):
+            for ns in (3, 4):
+                cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1,
+                                  num_warps=8, num_stages=ns))
+    if M >= 256:
+        cands += [dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=c)
+                  for c in (0, 2048, 4096, 8192)]
+    return cands
+
+
+def tune(path, shapes, ms, budget_s):
+    table = json.loads(Path(path).read_text()) if Path(path).exists() else {"default": {}}
+    shapes_tbl = table.setdefault("shapes", {})
+    t_end = time.time() + budget_s
+    for K, N in shapes:
+        int4_bytes = N * K // 2
+        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / int4_bytes)))
+        ws = make_weights(K, N, copies)
+        ent = shapes_tbl.setdefault(f"{K}x{N}", {})
+        for M in ms:
+            if time.time() > t_end:
+                print("# tuning budget spent", flush=True)
+                break
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            best = None
+            for c in tune_candidates(M):
+                c = dict(c)
+                algo = c.pop("algo")
+                try:
+                    t = time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
+                                                            w.zero_kind, GROUP, algo=algo, **c)
+                                    for w in ws], reps=5)
+                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory)
+                    print(f"#   skip {algo} {c}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, dict(algo=algo, **c))
+            print(f"tune K={K} N={N} M={M}: {best}", flush=True)
+            if best:
+                ent[str(M)] = best[1]
+        Path(path).write_text(json.dumps(table, indent=1))
+        del ws
+    return table
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tune", metavar="JSON", help="sweep configs and write the table here")
+    ap.add_argument("--tune-budget", type=float, default=400)
+    ap.add_argument("--no-gemlite", action="store_true")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x6144,14336x4096")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
+    ap.add_argument("--json", default=None, help="also write rows as JSON here")
+    a = ap.parse_args()
+    shapes = QUICK_SHAPES if a.quick else SHAPES
+    ms = QUICK_MS if a.quick else MS
+    if a.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    if a.ms:
+        ms = [int(v) for v in a.ms.split(",")]
+    if a.tune:
+        tune(a.tune, shapes if a.shapes else TUNE_SHAPES, ms if a.ms else TUNE_MS, a.tune_budget)
+        return
+    fam = device_family(torch.device("cuda"))
+    print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"triton {__import__('triton').__version__}  family {fam}")
+    bw, peak = measure_floors()
+    print(f"# measured copy bandwidth {bw / 1e9:.0f} GB/s, bf16 GEMM peak {peak / 1e12:.0f} "
+          f"TFLOP/s; group {GROUP}, bf16, float zeros; CUDA-graph replays over >= 256 MB of "
+          "weight copies")
+    use_gl = not a.no_gemlite and have_gemlite()
+    print(HEADER)
+    rows = []
+    for K, N in shapes:
+        bench_shape(K, N, ms, bw, peak, use_gl, rows)
+        torch.cuda.empty_cache()
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(bw=bw, peak=peak, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

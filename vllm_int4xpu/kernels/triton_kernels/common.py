@@ -1,0 +1,139 @@
+"""Pieces shared by the Triton int4 kernels: nibble unpacking, zero-point handling, split-K reduce.
+
+Conventions of every kernel in this package (the canonical weight, DESIGN.md §1):
+
+* ``qw``  int32 [N, K/8], code of k in word k//8 at bits 4*(k%8);
+* ``s``   scales [G, N] (any float dtype, math in fp32);
+* ``z``   ZERO_KIND 0: none (zp = 8) | 1: int8 zp [G, N], w = (q - zp)*s | 2: float z [G, N],
+          w = (q - 8)*s + z.
+
+A K tile never straddles two groups: the launcher picks BLOCK_K dividing the group size, or the
+weight is per-channel (GROUP == K, so every tile is in group 0).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+ZERO_NONE, ZERO_INT, ZERO_FLOAT = 0, 1, 2
+
+# float32 2**23: OR-ing a code into this bit pattern gives 2**23 + q exactly, which skips the slow
+# int->float conversion instruction (a plain fp32 subtract does the rest).
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+_MAGIC = tl.constexpr(8388608.0)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU emulation, whose bf16 tl.dot is wrong: dot in fp32)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def codes_to_float(q):
+    """int32 codes in 0..15 -> fp32, exactly (OR into 2**23, subtract 2**23)."""
+    return (q | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
+
+
+@triton.jit
+def _nibble_as_float(words, j: tl.constexpr):
+    """Nibble j of each word as the fp32 1 + q/16, exactly: the code is moved to the top mantissa
+    bits (19..22) of 1.0, which costs a shift and one and-or, with no int->float conversion."""
+    if j < 5:
+        bits = words << (19 - 4 * j)
+    else:
+        bits = words >> (4 * j - 19)
+    return ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def unpack_along_k(words):
+    """int32 words [R, W] -> fp32 [R, 8W] holding 1 + q/16 (element 8w + j = nibble j of word w).
+
+    Callers fold the affine map into their scale: q*s + b == v*(16 s) + (b - 16 s) for v = 1 + q/16.
+    Built from interleaves so that all 8 nibbles of a word stay in one thread (a plain
+    broadcast-and-reshape lets the compiler spread them over 8 lanes, each re-reading the word).
+    """
+    even = tl.interleave(tl.interleave(_nibble_as_float(words, 0), _nibble_as_float(words, 4)),
+                         tl.interleave(_nibble_as_float(words, 2), _nibble_as_float(words, 6)))
+    odd = tl.interleave(tl.interleave(_nibble_as_float(words, 1), _nibble_as_float(words, 5)),
+                        tl.interleave(_nibble_as_float(words, 3), _nibble_as_float(words, 7)))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def group_scale_offset(s_ptr, z_ptr, g, offs_n, n_mask, N, ZERO_KIND: tl.constexpr):
+    """fp32 (scale, offset) vectors [BN] of group g so that w = q*scale + offset."""
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if ZERO_KIND == 1:
+        zp = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+        b = -zp * s
+    elif ZERO_KIND == 2:
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        b = z - 8.0 * s
+    else:
+        b = -8.0 * s
+    return s, b
+
+
+@triton.jit
+def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, M, N, stride_ym,
+                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_s ws[s, m, n] (+ bias[n]), cast to y's dtype; ws is fp32 [SPLIT_K, M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    m = offs // N
+    tl.store(y_ptr + m * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def splitk_serial_reduce(acc, ws_ptrs, split_stride, mask, cnt_ptr, pid_k,
+                         SPLIT_K: tl.constexpr):
+    """Split-K without a second kernel: every split stores its fp32 partial, then bumps a
+    per-tile counter; the split that arrives last sums all partials and resets the counter to 0
+    (so the counter buffer is ready for the next launch, CUDA graph replays included).
+    Returns (total, count); the split with count == SPLIT_K - 1 holds the complete total.
+    """
+    tl.store(ws_ptrs + pid_k * split_stride, acc, mask=mask)
+    tl.debug_barrier()  # all of this program's partial stores are issued before the release
+    count = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    is_last = count == SPLIT_K - 1
+    total = tl.zeros_like(acc)
+    if is_last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    return total, count
+
+
+_COUNTERS: dict = {}
+MAX_TILES = 1 << 16
+
+
+def tile_counters(device) -> "torch.Tensor | None":
+    """A zeroed int32 buffer per device for :func:`splitk_serial_reduce` (kernels leave it zeroed).
+
+    Launches that share it must be ordered (one stream), as vLLM's forward pass is.
+    """
+    import torch
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def splitk_reduce(ws, bias, y):
+    """Launch :func:`splitk_reduce_kernel` (ws fp32 [S, M, N] -> y [M, N])."""
+    split_k, M, N = ws.shape
+    block = 1024
+    grid = (triton.cdiv(M * N, block),)
+    splitk_reduce_kernel[grid](ws, bias if bias is not None else ws, y, M, N, y.stride(0),
+                               SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block)
+    return y

@@ -1,0 +1,103 @@
+"""Tensor-core path: tiled tl.dot GEMM with the weight dequantized in registers, optional split-K.
+
+Computed transposed, y^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]: the dequantized weight is the
+*left* operand, which tensor cores (wgmma on Hopper, DPAS on Intel) can read from registers
+(checked in the sm_90 TTGIR: no shared-memory copy of the bf16 weight tile), and small M only pads
+the narrow side of the MMA. The group scale/offset are fp32 vectors loaded once per K tile (a
+tile never straddles groups), one tile ahead. Split-K partials are reduced by the last split to
+finish (``splitk_serial_reduce``) or, with SERIAL=False, by a second small kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (MAX_TILES, codes_to_float, group_scale_offset, interpreting, splitk_reduce,
+                     splitk_serial_reduce, tile_counters, unpack_along_k)
+
+
+@triton.jit
+def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
+                     stride_xm, stride_ym, stride_qn,
+                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                     SERIAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(tiles, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    qw_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    s, b = group_scale_offset(s_ptr, z_ptr, tl.minimum(k_lo, K - 1) // GROUP, offs_n, n_mask, N,
+                              ZERO_KIND)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xk = k0 + offs_k
+        k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
+        x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.trans(x)
+        # next tile's group scale/offset issued now (small loads the compiler does not pipeline)
+        ns, nb = group_scale_offset(s_ptr, z_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP, offs_n,
+                                    n_mask, N, ZERO_KIND)
+        if GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
+            words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
+                            other=0)
+            q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
+            w = (q * s[:, None] + b[:, None]).to(xt.dtype)
+        else:  # one 16-byte load per 4 words, nibbles peeled in registers
+            wk = k0 // 8 + offs_w
+            w_ok = (wk < K // 8) | EVEN_K
+            words = tl.load(qw_rows + wk[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0)
+            v = unpack_along_k(words)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
+            w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
+        s, b = ns, nb
+        if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
+    if SPLIT_K > 1 and SERIAL:  # the last split to finish reduces (see splitk_serial_reduce)
+        acc, count = splitk_serial_reduce(acc, ws_ptr + ws_offs, M * N, mask,
+                                            cnt_ptr + pid_m * tl.num_programs(0) + pid_n, pid_k,
+                                            SPLIT_K)
+    if SPLIT_K == 1 or SERIAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        done = mask if SPLIT_K == 1 else mask & ((y_offs * 0 + count) == SPLIT_K - 1)
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=done)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + ws_offs, acc, mask=mask)
+
+
+def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
+              BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
+              num_warps=4, num_stages=3, **extra):
+    """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), SPLIT_K)
+    serial = bool(SERIAL) and SPLIT_K > 1 and grid[0] * grid[1] <= MAX_TILES
+    ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
+                                              dtype=torch.float32)
+    cnt = tile_counters(x.device) if serial else ws
+    int4_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
+                           ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
+                           ZERO_KIND=zero_kind, HAS_BIAS=bias is not None, SPLIT_K=SPLIT_K,
+                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
+                           EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
+                           SERIAL=serial, num_warps=num_warps, num_stages=num_stages, **extra)
+    if SPLIT_K > 1 and not serial:
+        splitk_reduce(ws, bias, out)
+    return out
