@@ -37,7 +37,7 @@ except Exception as e:  # pragma: no cover - depends on the install
     tk = None
     _TRITON_ERROR = f"triton not importable ({type(e).__name__}: {e})"
 
-logger = logging.getLogger("vllm_int4xpu")
+logger = logging.getLogger("vllm.int4xpu")
 
 CONFIG_DIR = Path(__file__).with_name("triton_configs")
 ENV_CONFIG_FAMILY = "VLLM_INT4XPU_TRITON_FAMILY"  # force a config file, e.g. "cuda_h100"
@@ -54,6 +54,13 @@ def device_family(device: torch.device) -> str:
     forced = os.environ.get(ENV_CONFIG_FAMILY)
     if forced:
         return forced
+    return _device_family(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_family(dev_type: str, index: Optional[int]) -> str:
+    # cached: asking the driver for the device name costs microseconds on every eager call
+    device = torch.device(dev_type, index) if index is not None else torch.device(dev_type)
     if device.type == "xpu":
         return "xpu"
     if device.type == "cuda":
