@@ -23,6 +23,7 @@ from .base import Int4Kernel, Int4LinearSpec, gather_act_order
 OP_GROUP_SIZES = (32, 64, 128, 256)
 # Rows at and above which dequantize + dense GEMM beats the int4 op (measured, bench_cpu.py).
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_DENSE_MIN_M", "128"))  # 0 disables
+DENSE_ROWS = 512  # output rows dequantized per block on the dense path
 
 
 def _has_ops() -> bool:
@@ -83,17 +84,33 @@ class CpuKernel(Int4Kernel):
         packed, qweight, scale_zero, perm = tensors
         x = gather_act_order(x, perm)
         if qweight.numel() and x.shape[0] >= DENSE_MIN_M:
-            y = F.linear(x, self._dequantize(qweight, scale_zero, x.dtype))
+            y = self._dense_matmul(x, qweight, scale_zero)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.spec.group_size, scale_zero)
         if bias is not None:
             y = y + bias
         return y
 
+    def _dense_matmul(self, x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with W dequantized DENSE_ROWS output rows at a time, so each dequantized block
+        is still in cache when the dense GEMM reads it (measured ~2x faster than dequantizing the
+        whole weight first)."""
+        N = self.spec.out_features
+        y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+        for r0 in range(0, N, DENSE_ROWS):
+            r1 = min(N, r0 + DENSE_ROWS)
+            w = self._dequantize(qweight[r0:r1], scale_zero[:, r0:r1], x.dtype)
+            torch.matmul(x, w.t(), out=y[:, r0:r1])
+        return y
+
     def _dequantize(self, qweight: torch.Tensor, scale_zero: torch.Tensor, dtype) -> torch.Tensor:
-        """Dense [N, K] weight from the canonical codes: (q - 8) * s + z per group."""
-        N, K, g = self.spec.out_features, self.spec.in_features, self.spec.group_size
-        q = unpack_int4(qweight).view(N, K // g, g).to(dtype)
-        s = scale_zero[..., 0].t().to(dtype).unsqueeze(-1)
-        z = scale_zero[..., 1].t().to(dtype).unsqueeze(-1)
-        return (q - 8).mul_(s).add_(z).reshape(N, K)
+        """Dense [n, K] rows from canonical codes: q * s + (z - 8 s), in ``dtype``."""
+        n, K, g = qweight.shape[0], self.spec.in_features, self.spec.group_size
+        b = qweight.view(torch.uint8)  # little-endian: byte j holds codes 2j (low) and 2j+1 (high)
+        q = torch.empty(n, K // 2, 2, dtype=dtype)
+        q[..., 0] = b & 0xF
+        q[..., 1] = b >> 4
+        s = scale_zero[..., 0].t().to(dtype).contiguous().unsqueeze(-1)
+        z8 = (scale_zero[..., 1].t().float() - 8.0 * scale_zero[..., 0].t().float()).to(dtype)
+        z8 = z8.contiguous().unsqueeze(-1)
+        return torch.addcmul(z8, q.view(n, K // g, g), s).view(n, K)
