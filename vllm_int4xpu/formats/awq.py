@@ -33,14 +33,7 @@ class AWQLayout(CheckpointFormat):
     name: ClassVar[str] = "awq"
 
     def _groups(self, geo: LayerGeometry) -> tuple[int, int, int | None]:
-        K = geo.in_per_partition
-        g = self.group_size_for(geo)
-        if self.group_size in (-1, 0, None):
-            return g, 1, None
-        if K % g:
-            raise Int4FormatError(f"{self.name}: group size must divide the partition's in_features",
-                                  tensor="scales", expected=f"a divisor of {K}", found=g)
-        return g, K // g, 0
+        return self.scale_groups(geo)  # AWQ has no act-order
 
     def tensor_specs(self, geo: LayerGeometry) -> list[TensorSpec]:
         K, N = geo.in_per_partition, geo.out_per_partition

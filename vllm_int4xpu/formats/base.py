@@ -99,6 +99,25 @@ class CheckpointFormat(ABC):
         """
         return tensor
 
+    def scale_groups(self, geo: LayerGeometry, scale_name: str = "scales",
+                     group_dim: int = 0) -> tuple[int, int, Optional[int]]:
+        """(partition group size, scale rows, input_dim of the scale tensors) for a partition.
+
+        Scales follow the input shard (``group_dim``) unless there is one group (per-channel) or
+        a partition needs groups it does not own (act-order on a row-parallel layer: each rank's
+        g_idx may point anywhere in the full table, so every rank keeps all of it).
+        """
+        K = geo.in_per_partition
+        g = self.group_size_for(geo)
+        if self.group_size in (-1, 0, None):
+            return g, 1, None
+        if K % g:
+            raise Int4FormatError(f"{self.name}: group size must divide the partition's in_features",
+                                  tensor=scale_name, expected=f"a divisor of {K}", found=g)
+        if self.act_order and geo.row_parallel:
+            return g, geo.in_full // g, None
+        return g, K // g, group_dim
+
     def is_layer_quantized(self, prefix: str) -> bool:
         """False for modules the checkpoint left unquantized (skip/ignore lists)."""
         return not any(_module_matches(prefix, p) for p in self.skip_modules)

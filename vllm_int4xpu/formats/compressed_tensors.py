@@ -129,17 +129,8 @@ class CompressedTensorsFormat(CheckpointFormat):
         return False
 
     def _groups(self, geo: LayerGeometry) -> tuple[int, int, int | None]:
-        K = geo.in_per_partition
-        g = self.group_size_for(geo)
-        if self.group_size in (-1, 0, None):
-            return g, 1, None
-        if K % g:
-            raise Int4FormatError("compressed-tensors: group size must divide the partition's "
-                                  "in_features", tensor="weight_scale", expected=f"a divisor of {K}",
-                                  found=g)
-        if self.act_order and geo.row_parallel:
-            return g, geo.in_full // g, None
-        return g, K // g, 1
+        # weight_scale is [N, G]: the group dim is 1
+        return self.scale_groups(geo, scale_name="weight_scale", group_dim=1)
 
     def tensor_specs(self, geo: LayerGeometry) -> list[TensorSpec]:
         K, N = geo.in_per_partition, geo.out_per_partition

@@ -54,17 +54,10 @@ class GPTQLayout(CheckpointFormat):
     # ------------------------------------------------------------------ per layer
     def _groups(self, geo: LayerGeometry) -> tuple[int, int, int | None]:
         """(partition group size, number of scale rows, scales input_dim)."""
-        K = geo.in_per_partition
-        g = self.group_size_for(geo)
-        if self.group_size in (-1, 0, None):
-            return g, 1, None
-        if K % g or K % PACK_FACTOR:
-            raise Int4FormatError(f"{self.name}: group size must divide the partition's in_features",
-                                  tensor="scales", expected=f"a divisor of {K}", found=g)
-        if self.act_order and geo.row_parallel:
-            # Each rank's g_idx points anywhere in the full group table: keep all of it.
-            return g, geo.in_full // g, None
-        return g, K // g, 0
+        if geo.in_per_partition % PACK_FACTOR:
+            raise Int4FormatError(f"{self.name}: in_features must be a multiple of 8",
+                                  tensor="qweight", expected="K % 8 == 0", found=geo.in_per_partition)
+        return self.scale_groups(geo)
 
     def tensor_specs(self, geo: LayerGeometry) -> list[TensorSpec]:
         K, N = geo.in_per_partition, geo.out_per_partition

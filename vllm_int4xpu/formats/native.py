@@ -61,19 +61,10 @@ class NativeFormat(CheckpointFormat):
 
     def tensor_specs(self, geo: LayerGeometry) -> list[TensorSpec]:
         K, N = geo.in_per_partition, geo.out_per_partition
-        g = self.group_size_for(geo)
-        if K % g or K % PACK_FACTOR:
-            raise Int4FormatError("int4xpu: group size must divide the partition's in_features",
-                                  tensor="scales", expected=f"a divisor of {K}", found=g)
-        # Scales follow the input shard unless a partition needs groups it does not own
-        # (act-order on a row-parallel layer) or there is one group (per-channel).
-        per_channel = self.group_size in (-1, 0, None)
-        if self.act_order and geo.row_parallel:
-            groups, in_dim = geo.in_full // g, None
-        elif per_channel:
-            groups, in_dim = 1, None
-        else:
-            groups, in_dim = K // g, 0
+        if K % PACK_FACTOR:
+            raise Int4FormatError("int4xpu: in_features must be a multiple of 8", tensor="qweight",
+                                  expected="K % 8 == 0", found=K)
+        g, groups, in_dim = self.scale_groups(geo)
         specs = [
             TensorSpec("qweight", (N, K // PACK_FACTOR), torch.int32, output_dim=0, input_dim=1,
                        packed_dim=1, packed_factor=PACK_FACTOR),

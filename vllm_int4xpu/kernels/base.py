@@ -20,7 +20,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind
+from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -87,3 +87,13 @@ def gather_act_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Ten
     if perm is None or perm.numel() == 0:
         return x
     return x.index_select(-1, perm)
+
+
+def permute_for_act_order(w: Int4Weight) -> tuple[Int4Weight, torch.Tensor]:
+    """Once at load: make act-order groups contiguous. Returns (weight without g_idx, perm);
+    perm is empty when the weight has no g_idx. Pair with :func:`gather_act_order` per call."""
+    dev = w.qweight.device
+    if w.g_idx is None:
+        return w, torch.empty(0, dtype=torch.int64, device=dev)
+    perm = act_order_permutation(w.g_idx).to(dev)
+    return permute_input_channels(w, perm), perm

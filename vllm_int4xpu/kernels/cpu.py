@@ -15,10 +15,9 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels, unpack_int4
-from .base import Int4Kernel, Int4LinearSpec, gather_act_order
+from ..weight import Int4Weight, ZeroKind, unpack_int4
+from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 
 OP_GROUP_SIZES = (32, 64, 128, 256)
 # Rows at and above which dequantize + dense GEMM beats the int4 op (measured, bench_cpu.py).
@@ -63,10 +62,7 @@ class CpuKernel(Int4Kernel):
 
     def prepare(self, w: Int4Weight) -> dict[str, torch.Tensor]:
         _enable_amx()
-        perm = torch.empty(0, dtype=torch.int64)
-        if w.g_idx is not None:
-            perm = act_order_permutation(w.g_idx)
-            w = permute_input_channels(w, perm)
+        w, perm = permute_for_act_order(w)
         s = w.scales.to(torch.float32)
         if w.zero_kind == ZeroKind.NONE:
             z = torch.zeros_like(s)

@@ -25,8 +25,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels
-from .base import Int4Kernel, Int4LinearSpec, gather_act_order
+from ..weight import Int4Weight, ZeroKind
+from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 from .float_zero import add_float_zero_correction
 
 DIST = "intel_extension_for_pytorch"
@@ -77,10 +77,7 @@ class IpexKernel(Int4Kernel):
 
     def prepare(self, w: Int4Weight) -> dict[str, torch.Tensor]:
         dev = w.qweight.device
-        perm = torch.empty(0, dtype=torch.int64, device=dev)
-        if w.g_idx is not None:
-            perm = act_order_permutation(w.g_idx).to(dev)
-            w = permute_input_channels(w, perm)
+        w, perm = permute_for_act_order(w)
         fz = (w.zeros.to(torch.float32).contiguous() if w.zero_kind == ZeroKind.FLOAT
               else torch.empty(0, device=dev))
         return {"qweight": w.qweight.t().contiguous(),  # GPTQ layout [K/8, N]

@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels
-from .base import Int4Kernel, Int4LinearSpec, gather_act_order
+from ..weight import Int4Weight, ZeroKind
+from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 
 try:  # a missing or broken Triton is a refusal, not an import error
     import triton  # noqa: F401
@@ -172,10 +172,7 @@ class TritonKernel(Int4Kernel):
         dev = w.qweight.device
         if dev.type != "cpu":
             tk.common.tile_counters(dev)  # allocate now, not during CUDA-graph capture
-        perm = torch.empty(0, dtype=torch.int64, device=dev)
-        if w.g_idx is not None:
-            perm = act_order_permutation(w.g_idx).to(dev)
-            w = permute_input_channels(w, perm)
+        w, perm = permute_for_act_order(w)
         if w.zero_kind != ZeroKind.NONE:  # int8 or float, kept as stored (kernels widen to fp32)
             zeros = w.zeros.contiguous()
         else:

@@ -28,8 +28,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels
-from .base import Int4Kernel, Int4LinearSpec, gather_act_order
+from ..weight import Int4Weight, ZeroKind
+from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 from .float_zero import add_float_zero_correction, constant_int_zeros, prepare_float_zeros
 
 INT_ZP_OP = "_weight_int4pack_mm_with_scales_and_zeros"
@@ -132,10 +132,7 @@ class XpuOneDnnKernel(Int4Kernel):
     def prepare(self, w: Int4Weight) -> dict[str, torch.Tensor]:
         spec, dev = self.spec, w.qweight.device
         empty = torch.empty(0, device=dev)
-        perm = torch.empty(0, dtype=torch.int64, device=dev)
-        if w.g_idx is not None:
-            perm = act_order_permutation(w.g_idx).to(dev)
-            w = permute_input_channels(w, perm)
+        w, perm = permute_for_act_order(w)
         G, N = w.scales.shape
         scales = w.scales.to(spec.act_dtype).contiguous()
         out = {"qweight": w.qweight.contiguous(), "scales": scales, "zeros": empty,

@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, pack_int4, permute_input_channels
-from .base import Int4Kernel, Int4LinearSpec, gather_act_order
+from ..weight import Int4Weight, ZeroKind, pack_int4
+from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 from .float_zero import add_float_zero_correction
 
 OP_NAME = "int4_gemm_w4a16"
@@ -89,10 +89,7 @@ class XpuVllmKernelsKernel(Int4Kernel):
     def prepare(self, w: Int4Weight) -> dict[str, torch.Tensor]:
         dev = w.qweight.device
         empty = torch.empty(0, device=dev)
-        perm = torch.empty(0, dtype=torch.int64, device=dev)
-        if w.g_idx is not None:
-            perm = act_order_permutation(w.g_idx).to(dev)
-            w = permute_input_channels(w, perm)
+        w, perm = permute_for_act_order(w)
         if w.zero_kind == ZeroKind.INT:
             zeros = pack_int4(w.zeros.to(torch.int32))  # [G, N/8], along N, low nibble first
         else:  # symmetric, or float zeros run with zp = 8 and the correction
