@@ -1,0 +1,28 @@
+"""`vllm-int4xpu inspect` works on every fixture checkpoint and on our own native format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_int4xpu.inspect import main as inspect_main
+
+FIXTURES = sorted(p for p in (Path(__file__).parent / "fixtures").iterdir() if (p / "config.json").exists())
+EXPECTED_FORMAT = {"ar_awq": "awq", "ar_gptq": "gptq", "ar_native": "auto-round", "ct_": "compressed-tensors",
+                   "gptq_": "gptq", "hqq_": "hqq", "torchao_": "torchao"}
+
+
+@pytest.mark.parametrize("ckpt", FIXTURES, ids=lambda p: p.name)
+def test_inspect_every_fixture(ckpt, capsys):
+    assert inspect_main([str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    fmt = next(v for k, v in EXPECTED_FORMAT.items() if ckpt.name.startswith(k))
+    assert f"format:      {fmt}" in out and "problems: 0" in out
+    assert "kernel backend on this machine:" in out
+
+
+def test_inspect_native(tiny_int, capsys):
+    assert inspect_main([str(tiny_int)]) == 0
+    out = capsys.readouterr().out
+    assert "format:      int4xpu" in out and "group size:  64" in out and "quantized layers: 14" in out
