@@ -6,11 +6,14 @@ already imported the kernels in GPU mode, this file re-runs itself in a subproce
 """
 
 import os
+import sys
 
+# Triton caches its interpreter switch: if something (vLLM's import, another test) imported triton
+# before this module could set the variable, kernels defined now can end up half interpreted.
+_TRITON_IMPORTED_FIRST = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import itertools  # noqa: E402
 
 import pytest  # noqa: E402
@@ -21,6 +24,9 @@ triton = pytest.importorskip("triton")
 
 def _kernels_already_compiled_for_gpu() -> bool:
     """True when another test module imported the kernels before TRITON_INTERPRET was set."""
+    if any(m.startswith("vllm_int4xpu.kernels.triton") for m in sys.modules) and \
+            "vllm_int4xpu.kernels.triton_kernels.gemv" not in sys.modules:
+        return True  # partly imported: play safe
     mod = sys.modules.get("vllm_int4xpu.kernels.triton_kernels.gemv")
     if mod is None:
         return False
@@ -28,7 +34,7 @@ def _kernels_already_compiled_for_gpu() -> bool:
     return not isinstance(mod.int4_gemv_kernel, InterpretedFunction)
 
 
-IN_SUBPROCESS = _kernels_already_compiled_for_gpu()
+IN_SUBPROCESS = _TRITON_IMPORTED_FIRST or _kernels_already_compiled_for_gpu()
 interpreted = pytest.mark.skipif(IN_SUBPROCESS, reason="kernels imported in GPU mode here; "
                                  "test_rerun_in_subprocess runs this file in interpreter mode")
 
