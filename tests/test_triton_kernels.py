@@ -61,6 +61,8 @@ ALGOS = {
     "gemm": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1)),
     "gemm_splitk": ("gemm", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)),
     "gemv_splitk_kernel2": ("gemv", dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, SERIAL=False)),
+    # N % BLOCK_N == 0 (unmasked loads) and more splits than K tiles (empty trailing splits)
+    "gemv_even_n_empty_splits": ("gemv", dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=8)),
     "gemm_splitk_kernel2": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3,
                                          SERIAL=False)),
     "gemm_gather": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GATHER=1)),
@@ -107,6 +109,19 @@ def test_algorithm_matches_oracle(variant, zero_kind, group, dtype):
     y = run(w, x, bias, algo=algo, **cfg)
     assert y.shape == (M, N) and y.dtype == dtype
     assert rel(y, reference_linear(x, w, bias)) < TOL[dtype]
+
+
+@interpreted
+@pytest.mark.parametrize("algo", ["gemv", "gemm", "dequant"])
+def test_group_not_a_power_of_two(algo):
+    """Group 96: the kernels index groups by integer division instead of a shift."""
+    from vllm_int4xpu.kernels.triton_kernels.common import group_shift
+    assert group_shift(96, 576) == -1 and group_shift(128, 4096) == 7 and group_shift(576, 576) == 30
+    w = make_weight(24, 576, 96, ZeroKind.INT, torch.bfloat16, seed=3)
+    x = torch.randn(3, 576, dtype=torch.bfloat16)
+    cfg = {"gemv": dict(BLOCK_N=8, SPLIT_K=2), "gemm": dict(BLOCK_M=16, BLOCK_N=16),
+           "dequant": dict(BLOCK_N=8)}[algo]
+    assert rel(run(w, x, algo=algo, **cfg), reference_linear(x, w)) < TOL[torch.bfloat16]
 
 
 @interpreted

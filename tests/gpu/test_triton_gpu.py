@@ -26,6 +26,8 @@ TOL = {torch.bfloat16: 1.2e-2, torch.float16: 3e-3, torch.float32: 1e-4}
 ALGOS = {
     "gemv": dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
     "gemv_sk": dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=3),
+    "gemv_even_n_empty_splits": dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=16),
+    "gemv_bk32": dict(BLOCK_N=128, BLOCK_K=32, SPLIT_K=4),
     "gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
     "gemm_sk": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4, num_warps=8),
     "gemm_sk_kernel2": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, SERIAL=False),
@@ -67,6 +69,14 @@ def test_algorithms(algo, zk, g):
                         **ALGOS[algo])
         err = rel(y, reference_linear(x, w, bias))
         assert err < TOL[dtype], (algo, zk, g, dtype, err)
+
+
+@pytest.mark.parametrize("algo", ["gemv", "gemm", "dequant"])
+def test_group_not_a_power_of_two(algo):
+    w = make(264, 1152, 96, ZeroKind.FLOAT, torch.bfloat16).to("cuda")
+    x = torch.randn(4, 1152, device="cuda", dtype=torch.bfloat16)
+    y = int4_matmul(x, w.qweight, w.scales, w.zeros, ZeroKind.FLOAT, 96, None, algo=algo)
+    assert rel(y, reference_linear(x, w)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("M", [1, 2, 7, 16, 64, 300, 1500])

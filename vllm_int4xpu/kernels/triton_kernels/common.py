@@ -35,30 +35,57 @@ def codes_to_float(q):
     return (q | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
 
 
+ONE_BITS = 0x3F800000  # fp32 1.0; kernels take it as a *runtime* argument (see nibble_as_float)
+
+
 @triton.jit
-def _nibble_as_float(words, j: tl.constexpr):
+def nibble_as_float(words, j: tl.constexpr, one_bits):
     """Nibble j of each word as the fp32 1 + q/16, exactly: the code is moved to the top mantissa
-    bits (19..22) of 1.0, which costs a shift and one and-or, with no int->float conversion."""
+    bits (19..22) of 1.0, which costs a shift and one and-or, with no int->float conversion.
+
+    ``one_bits`` (= ONE_BITS) is passed in at run time on purpose: with both masks as immediates
+    the and-or needs two LOP3 instructions (LOP3 has one immediate slot); with 1.0 in a register
+    ptxas fuses it into one.
+    """
     if j < 5:
         bits = words << (19 - 4 * j)
     else:
         bits = words >> (4 * j - 19)
-    return ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((bits & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def unpack_along_k(words):
+def unpack_along_k(words, one_bits):
     """int32 words [R, W] -> fp32 [R, 8W] holding 1 + q/16 (element 8w + j = nibble j of word w).
 
     Callers fold the affine map into their scale: q*s + b == v*(16 s) + (b - 16 s) for v = 1 + q/16.
     Built from interleaves so that all 8 nibbles of a word stay in one thread (a plain
     broadcast-and-reshape lets the compiler spread them over 8 lanes, each re-reading the word).
     """
-    even = tl.interleave(tl.interleave(_nibble_as_float(words, 0), _nibble_as_float(words, 4)),
-                         tl.interleave(_nibble_as_float(words, 2), _nibble_as_float(words, 6)))
-    odd = tl.interleave(tl.interleave(_nibble_as_float(words, 1), _nibble_as_float(words, 5)),
-                        tl.interleave(_nibble_as_float(words, 3), _nibble_as_float(words, 7)))
+    even = tl.interleave(
+        tl.interleave(nibble_as_float(words, 0, one_bits), nibble_as_float(words, 4, one_bits)),
+        tl.interleave(nibble_as_float(words, 2, one_bits), nibble_as_float(words, 6, one_bits)))
+    odd = tl.interleave(
+        tl.interleave(nibble_as_float(words, 1, one_bits), nibble_as_float(words, 5, one_bits)),
+        tl.interleave(nibble_as_float(words, 3, one_bits), nibble_as_float(words, 7, one_bits)))
     return tl.interleave(even, odd)
+
+
+@triton.jit
+def group_of(k, GROUP, GROUP_SHIFT: tl.constexpr):
+    """Group index of input channel k: a shift for power-of-two groups (GROUP_SHIFT >= 0, 30 for
+    per-channel), else an integer division (GROUP_SHIFT = -1) that costs ~25 instructions."""
+    if GROUP_SHIFT >= 0:
+        return k >> GROUP_SHIFT
+    else:
+        return k // GROUP
+
+
+def group_shift(group: int, K: int) -> int:
+    """The GROUP_SHIFT constexpr for a group size (see :func:`group_of`)."""
+    if group >= K:
+        return 30  # per-channel: every k is in group 0
+    return group.bit_length() - 1 if group & (group - 1) == 0 else -1
 
 
 @triton.jit

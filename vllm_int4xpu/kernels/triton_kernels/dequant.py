@@ -8,12 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import group_scale_offset, unpack_along_k
+from .common import ONE_BITS, group_of, group_scale_offset, group_shift, unpack_along_k
 
 
 @triton.jit
-def int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP, stride_qn, stride_sg,
-                        ZERO_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP, stride_qn, stride_sg, one_bits,
+                        ZERO_KIND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_SHIFT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k0 = pid_k * BLOCK_K
@@ -22,8 +23,10 @@ def int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP, stride_qn, str
     wk = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + wk[None, :],
                     mask=n_mask[:, None] & (wk[None, :] < K // 8), other=0)
-    s, b = group_scale_offset(s_ptr, z_ptr, k0 // GROUP, offs_n, n_mask, stride_sg, ZERO_KIND)
-    w = unpack_along_k(words) * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]  # v = 1 + q/16
+    s, b = group_scale_offset(s_ptr, z_ptr, group_of(k0, GROUP, GROUP_SHIFT), offs_n, n_mask,
+                              stride_sg, ZERO_KIND)
+    v = unpack_along_k(words, one_bits)  # 1 + q/16
+    w = v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
              w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_k[None, :] < K))
@@ -39,8 +42,9 @@ def int4_dequantize(qweight, scales, zeros, zero_kind: int, group: int, dtype, K
     # row0 is folded into the pointers: the kernel sees a [rows, K] weight whose scale/zero
     # columns start at row0 (stride of scales stays N).
     int4_dequant_kernel[grid](qweight[row0:], scales[:, row0:], zeros[:, row0:] if zeros.dim() == 2
-                              else zeros, w, rows, K, group, qweight.stride(0), N,
+                              else zeros, w, rows, K, group, qweight.stride(0), N, ONE_BITS,
                               ZERO_KIND=zero_kind, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                              GROUP_SHIFT=group_shift(group, K),
                               num_warps=num_warps, **extra)
     return w
 

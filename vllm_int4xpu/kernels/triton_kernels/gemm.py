@@ -12,17 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_TILES, codes_to_float, group_scale_offset, interpreting, splitk_reduce,
-                     splitk_serial_reduce, tile_counters, unpack_along_k)
+from .common import (MAX_TILES, ONE_BITS, codes_to_float, group_of, group_scale_offset,
+                     group_shift, interpreting, splitk_reduce, splitk_serial_reduce, tile_counters,
+                     unpack_along_k)
 
 
 @triton.jit
 def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
-                     stride_xm, stride_ym, stride_qn,
+                     stride_xm, stride_ym, stride_qn, one_bits,
                      ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                     SERIAL: tl.constexpr):
+                     SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -39,16 +40,17 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     qw_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s, b = group_scale_offset(s_ptr, z_ptr, tl.minimum(k_lo, K - 1) // GROUP, offs_n, n_mask, N,
-                              ZERO_KIND)
+    s, b = group_scale_offset(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
+                              offs_n, n_mask, N, ZERO_KIND)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xk = k0 + offs_k
         k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
         xt = tl.trans(x)
         # next tile's group scale/offset issued now (small loads the compiler does not pipeline)
-        ns, nb = group_scale_offset(s_ptr, z_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP, offs_n,
-                                    n_mask, N, ZERO_KIND)
+        ns, nb = group_scale_offset(s_ptr, z_ptr,
+                                    group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
+                                    offs_n, n_mask, N, ZERO_KIND)
         if GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
             words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
                             other=0)
@@ -58,7 +60,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
             wk = k0 // 8 + offs_w
             w_ok = (wk < K // 8) | EVEN_K
             words = tl.load(qw_rows + wk[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0)
-            v = unpack_along_k(words)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
+            v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
             w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
         s, b = ns, nb
         if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
@@ -94,8 +96,9 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     cnt = tile_counters(x.device) if serial else ws
     int4_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
                            ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
-                           ZERO_KIND=zero_kind, HAS_BIAS=bias is not None, SPLIT_K=SPLIT_K,
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
+                           ONE_BITS, ZERO_KIND=zero_kind, HAS_BIAS=bias is not None,
+                           SPLIT_K=SPLIT_K, GROUP_SHIFT=group_shift(group, K), BLOCK_M=BLOCK_M,
+                           BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, num_warps=num_warps, num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
