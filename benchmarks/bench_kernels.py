@@ -192,10 +192,12 @@ def fmt_row(r):
 def tune_candidates(M):
     """The search space per M bucket (kept small: every distinct config is a Triton compile)."""
     cands = []
-    if M == 1:
+    if M == 1:  # (BLOCK_N, BLOCK_K, num_warps); BLOCK_K is clipped to the group size anyway
         cands += [dict(algo="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=3)
-                  for bn in (16, 32, 64) for bk in (256, 512) for sk in (1, 2, 4, 8)
-                  for nw in (2, 4) if bn * bk <= 16384]
+                  for bn, bk, nw in ((64, 128, 2), (64, 128, 4), (128, 128, 4), (128, 64, 4),
+                                     (256, 64, 8), (128, 32, 4), (256, 32, 4))
+                  for sk in (2, 4, 8)]
+        return cands  # the tensor-core path never won at M = 1
     if M <= 512:
         bms = {1: [16], 2: [16], 4: [16], 8: [16], 16: [16], 32: [32], 64: [32, 64],
                128: [64, 128], 256: [128], 512: [128]}[M]

@@ -1,0 +1,92 @@
+"""Count the SASS instructions of a Triton int4 kernel's main loop, on a machine with no GPU.
+
+Triton compiles for sm_90 offline (its wheel ships ptxas and nvdisasm), so the instruction cost
+of a kernel change can be read before any GPU time is spent. The GEMV is issue-bound on H100
+(ncu: ~75 % of issue slots busy at 44 % of DRAM bandwidth), so instructions per weight in the
+loop predict its speed.
+
+    python benchmarks/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 4
+    python benchmarks/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128
+
+Prints the loop body's instruction histogram and instructions per weight per thread.
+Use the Triton version of the target machine for numbers that match it (e.g. PYTHONPATH to a
+``pip install --target`` of triton==3.6.0): code generation differs between releases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_int4xpu.kernels.triton_kernels import gemm, gemv  # noqa: E402
+
+POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",
+            "bias_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+_OP = re.compile(r"^\S*\t(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
+    names = fn.arg_names
+    sig = {n: POINTERS.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def loop_histogram(sass: str) -> collections.Counter:
+    """Opcode counts of the block that ends in a backward branch to its own label (the K loop)."""
+    lines = sass.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `?\(?\.?(LBB\w+)", line)
+        if not m:
+            continue
+        start = next((j for j, x in enumerate(lines) if x.strip() == m.group(1) + ":"), None)
+        if start is not None and start < i:
+            ops = [mm.group(2).split(".")[0] for x in lines[start:i + 1] if (mm := _OP.match(x))]
+            if len(ops) > 1:
+                return collections.Counter(ops)
+    return collections.Counter()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("kernel", choices=["gemv", "gemm"])
+    ap.add_argument("--block-m", type=int, default=16)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--block-k", type=int, default=128)
+    ap.add_argument("--split-k", type=int, default=4)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--num-stages", type=int, default=3)
+    ap.add_argument("--group-shift", type=int, default=7, help="log2(group); -1: non-power-of-2")
+    ap.add_argument("--zero-kind", type=int, default=2, help="0 none, 1 int, 2 float")
+    a = ap.parse_args()
+    common = dict(ZERO_KIND=a.zero_kind, HAS_BIAS=False, SPLIT_K=a.split_k, BLOCK_N=a.block_n,
+                  BLOCK_K=a.block_k, EVEN_K=True, GROUP_SHIFT=a.group_shift, SERIAL=True)
+    if a.kernel == "gemv":
+        fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True)
+        weights = a.block_n * a.block_k
+    else:
+        fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
+                                              IEEE=False)
+        weights = a.block_n * a.block_k
+    ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)
+    hist = loop_histogram(ck.asm["sass"])
+    total = sum(hist.values())
+    per_thread = weights / (32 * a.num_warps)
+    print(f"{a.kernel} {cex} num_warps={a.num_warps}  triton {triton.__version__}")
+    print(f"loop body: {total} instructions per thread per K tile; {per_thread:.0f} weights per "
+          f"thread per tile -> {total / per_thread:.2f} instructions per weight")
+    print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common(24)))
+
+
+if __name__ == "__main__":
+    main()
