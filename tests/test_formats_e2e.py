@@ -171,15 +171,18 @@ def greedy_agree(ours: list[dict], ref: list[dict]) -> tuple[int, int]:
     return compared, mismatched
 
 
-def check_against_dense(names: list[str], tmp: Path, dtype: str = "float32",
+def check_against_dense(names: list, tmp: Path, dtype: str = "float32",
                         tol: float = FP32_TOL) -> dict:
+    """``names``: fixture names, or paths of checkpoints made in the test."""
     jobs = []
     for n in names:
-        dense = dense_copy(FIXTURES / n, tmp / f"{n}-dense-{dtype}", dtype)
-        jobs.append({"model": str(FIXTURES / n), "quantization": "int4xpu", "dtype": dtype})
+        src = n if isinstance(n, Path) else FIXTURES / n
+        dense = dense_copy(src, tmp / f"{src.name}-dense-{dtype}", dtype)
+        jobs.append({"model": str(src), "quantization": "int4xpu", "dtype": dtype})
         jobs.append({"model": str(dense), "quantization": None, "dtype": dtype})
     res = run_batch(jobs)
     report = {}
+    names = [n.name if isinstance(n, Path) else n for n in names]
     for i, n in enumerate(names):
         ours, ref = res[2 * i], res[2 * i + 1]
         assert ours["ok"], f"{n} via int4xpu: {ours['error']}"
@@ -212,10 +215,26 @@ def check_against_builtin(names: list[str]) -> None:
 DEFAULT_DENSE = ["gptq_v1_asym_descact_g32", "ct_asym_g64_gptq", "hqq_g64"]
 
 
+def gptq_v1_zero_point_16(tmp: Path) -> Path:
+    """ar_gptq_asym_g64 with every zero point of columns 8j of one layer stored as 15, which a
+    GPTQ v1 reader takes as zp 16 (old packers' zp - 1 underflow; see formats/_packing.py)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp / "gptq_v1_zp16"
+    shutil.copytree(FIXTURES / "ar_gptq_asym_g64", dst, ignore=shutil.ignore_patterns("oracle"))
+    t = load_file(str(dst / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.qzeros"
+    t[key] = t[key] | torch.tensor(0xF, dtype=t[key].dtype)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def test_default_subset_matches_dense_and_builtin(tmp_path):
-    """Representative subset in the default run: GPTQ v1 asym desc_act, CT asym, HQQ float zp
-    against dense float32 copies, one bf16 pair, and symmetric GPTQ against vLLM's built-in."""
-    check_against_dense(DEFAULT_DENSE, tmp_path)
+    """Representative subset in the default run: GPTQ v1 asym desc_act, CT asym, HQQ float zp,
+    a GPTQ v1 checkpoint with zero points 16 against dense float32 copies, one bf16 pair, and
+    symmetric GPTQ against vLLM's built-in."""
+    check_against_dense(DEFAULT_DENSE + [gptq_v1_zero_point_16(tmp_path)], tmp_path)
     check_against_dense(["ar_awq_asym_g128"], tmp_path, "bfloat16", BF16_TOL)
     check_against_builtin(["ar_gptq_sym_g128"])
 

@@ -70,11 +70,37 @@ def test_truncated_packed_tensor(tmp_path, fixture, suffix):
     assert e.file == "model.safetensors" and e.tensor == key, e
 
 
+def test_gptq_v1_stored_15_is_zero_point_16(tmp_path):
+    """GPTQ v1 stores zp - 1; old packers wrote zp 0 as -1, i.e. a stored 15. The producers'
+    dequantization (zeros + 1) and vLLM's GPTQ kernels compute (q - 16) * s there: not an error,
+    and our conversion must give exactly that (checked against the formula written out here)."""
+    from vllm_int4xpu.formats import LayerGeometry, parse_format
+    from vllm_int4xpu.inspect import infer_shape
+    from vllm_int4xpu.weight import ZeroKind, dequantize
+
+    d = broken_copy(tmp_path, "ar_gptq_asym_g64", set_(f"{LAYER}.qzeros", lambda x: x | 0xF))
+    assert not check_checkpoint(str(d), "cpu").problems
+    t = load_file(str(d / "model.safetensors"))
+    lt = {k[len(LAYER) + 1:]: v for k, v in t.items() if k.startswith(LAYER + ".")}
+    qw, qz, s = lt["qweight"], lt["qzeros"], lt["scales"].double()
+    K, N, G = qw.shape[0] * 8, qw.shape[1], qz.shape[0]
+    nib = torch.arange(8, dtype=torch.int32) * 4
+    q = ((qw.unsqueeze(1) >> nib.view(1, 8, 1)) & 0xF).reshape(K, N)  # code of k: word k//8
+    zp = ((qz.unsqueeze(-1) >> nib) & 0xF).reshape(G, N) + 1  # v1: stored + 1
+    assert int(zp.max()) == 16 and int((zp == 16).sum()) >= N // 8 * G
+    rows = torch.arange(K) // (K // G)
+    ref = ((q.double() - zp.double()[rows]) * s[rows]).t()  # [N, K]
+
+    fmt = parse_format(json.loads((d / "config.json").read_text())["quantization_config"])
+    K_, N_ = infer_shape(fmt, lt)
+    geo = LayerGeometry(K_, N_, K_, N_)
+    w = fmt.to_canonical({sp.name: fmt.prepare_loaded(sp.name, lt[sp.name], geo)
+                          for sp in fmt.tensor_specs(geo) if sp.name in lt}, geo).validate()
+    assert w.zero_kind == ZeroKind.FLOAT
+    assert torch.equal(dequantize(w, torch.float64), ref)
+
+
 def test_zero_points_out_of_range(tmp_path):
-    # GPTQ v1 stores zp - 1: a stored 15 would mean zp 16 (the old GPTQ packing bug)
-    e = only_problem(broken_copy(tmp_path, "ar_gptq_asym_g64",
-                                 set_(f"{LAYER}.qzeros", lambda x: x | 0xF)))
-    assert e.tensor.endswith("qzeros") and "range" in str(e)
     e = only_problem(broken_copy(tmp_path, "torchao_plain_int32_g64",
                                  set_(f"{LAYER}._weight_zero_point",
                                       lambda x: x.index_fill(0, torch.tensor([0]), 20))))

@@ -87,16 +87,18 @@ def codes_to_canonical(codes_nk: torch.Tensor) -> torch.Tensor:
 
 
 def zero_codes(packed: torch.Tensor, offset: int, *, tensor: str, file=None,
-               fmt: str = "") -> torch.Tensor:
-    """Packed-along-last-dim zero points -> int8 [G, N] zp = code + offset, checked in 0..15.
+               fmt: str = "", max_zp: int = 15) -> torch.Tensor:
+    """Packed-along-last-dim zero points -> int8 [G, N] zp = code + offset, checked in 0..max_zp.
 
-    GPTQ v1 (and AutoRound's GPTQ export) store zp - 1, so ``offset`` is 1 there; a stored 15
-    would mean zp 16, which no 4-bit kernel can represent (an old GPTQ packing bug).
+    GPTQ v1 (and AutoRound's GPTQ export) store zp - 1, so ``offset`` is 1 there, and a stored
+    15 means zp 16: old GPTQ packers wrote zp 0 as -1 (which also sets the higher nibbles of its
+    word to 15). The producers' own dequantization and vLLM's GPTQ kernels read that as 16, so
+    the GPTQ adapter passes ``max_zp=16`` and turns such layers into exact float zero points.
     """
     zp = unpack_int4(as_int32(packed)).to(torch.int16) + offset
-    if zp.numel() and (int(zp.min()) < 0 or int(zp.max()) > 15):
+    if zp.numel() and (int(zp.min()) < 0 or int(zp.max()) > max_zp):
         raise Int4FormatError(f"{fmt + ': ' if fmt else ''}zero points out of range", file=file,
-                              tensor=tensor, expected=f"stored codes {0 - offset}..{15 - offset}",
+                              tensor=tensor, expected=f"stored codes {0 - offset}..{max_zp - offset}",
                               found=f"{int(zp.min()) - offset}..{int(zp.max()) - offset}")
     return zp.to(torch.int8)
 

@@ -18,6 +18,7 @@ Symmetric checkpoints whose zero points are all 8 become canonical "no zero poin
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +28,10 @@ from ..errors import Int4FormatError
 from ..weight import PACK_FACTOR, Int4Weight, ZeroKind
 from . import _packing as P
 from .base import ACT_DTYPE, CheckpointFormat, LayerGeometry, TensorSpec, check_bits, check_group_size
+
+
+logger = logging.getLogger("vllm.int4xpu")
+_WARNED_ZP16 = False  # the zp = 16 warning is given once per process (then debug)
 
 
 def _skip_from_dynamic(dynamic: Any, fmt: str) -> list[str]:
@@ -82,10 +87,22 @@ class GPTQLayout(CheckpointFormat):
         qweight = P.gptq_qweight_to_canonical(qweight)
         scales = P.expect_float(P.expect(t.get("scales"), "scales", (groups, N), fmt=f), "scales", fmt=f)
         qz = P.expect(t.get("qzeros"), "qzeros", (groups, N // PACK_FACTOR), fmt=f)
-        zeros = P.zero_codes(qz, self.zp_offset, tensor="qzeros", fmt=f)
+        zeros = P.zero_codes(qz, self.zp_offset, tensor="qzeros", fmt=f, max_zp=15 + self.zp_offset)
         zero_kind = ZeroKind.INT
         if bool(torch.all(zeros == 8)):
             zeros, zero_kind = None, ZeroKind.NONE
+        elif int(zeros.max()) > 15:
+            # v1's stored 15 = zp 16 (see P.zero_codes): not a 4-bit code, so this layer gets
+            # float zero points z = (8 - zp) * s, exact in fp32: w = (q - 8) s + z = (q - zp) s.
+            global _WARNED_ZP16
+            (logger.debug if _WARNED_ZP16 else logger.warning)(
+                "%s: zero point 16 (stored 15: the zp - 1 underflow of old GPTQ v1 packers) in %d "
+                "(group, column) pairs of a layer; such layers are loaded with exact float zero "
+                "points (w = (q - 16) * s there, as the producer's dequantization and vLLM's GPTQ "
+                "kernels compute it)", f, int((zeros > 15).sum()))
+            _WARNED_ZP16 = True
+            zeros = (8.0 - zeros.to(torch.float32)) * scales.to(torch.float32)
+            zero_kind = ZeroKind.FLOAT
         g_idx = t.get("g_idx")
         if g_idx is not None:
             g_idx = P.check_g_idx(g_idx, K, groups if self.act_order else geo.in_full // g + 1,
