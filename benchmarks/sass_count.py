@@ -80,12 +80,16 @@ def main():
         weights = a.block_n * a.block_k
     ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)
     hist = loop_histogram(ck.asm["sass"])
+    n_all = sum(1 for x in ck.asm["sass"].splitlines() if _OP.match(x))
     total = sum(hist.values())
     per_thread = weights / (32 * a.num_warps)
     print(f"{a.kernel} {cex} num_warps={a.num_warps}  triton {triton.__version__}")
+    rows = 1 if a.kernel == "gemv" else a.block_m
     print(f"loop body: {total} instructions per thread per K tile; {per_thread:.0f} weights per "
-          f"thread per tile -> {total / per_thread:.2f} instructions per weight")
+          f"thread per tile -> {total / per_thread:.2f} instructions per weight "
+          f"({total / per_thread / rows:.2f} per weight and row of x, {rows} rows)")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common(24)))
+    print(f"whole kernel: {n_all} instructions")
 
 
 if __name__ == "__main__":
