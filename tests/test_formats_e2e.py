@@ -67,8 +67,8 @@ def dense_copy(src: Path, dst: Path, dtype: str = "bfloat16") -> Path:
     mods = {k.rsplit(".", 1)[0] for k in t if k.endswith("." + primary)}
     dt = getattr(torch, dtype)
     out = {}
-    for k, v in t.items():
-        if k.rsplit(".", 1)[0] not in mods:
+    for k, v in t.items():  # everything but the quantized weights (biases of int4 layers too)
+        if k.rsplit(".", 1)[0] not in mods or k.endswith(".bias"):
             out[k] = v.to(dt) if v.is_floating_point() else v
     for m in mods:
         lt = {k[len(m) + 1:]: v for k, v in t.items() if k.startswith(m + ".")}

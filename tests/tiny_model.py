@@ -64,3 +64,41 @@ def make_tiny_llama(path, hidden: int = 128, intermediate: int = 256, layers: in
     make_tokenizer(path, vocab)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return path
+
+
+def _save_random(model, path: Path, vocab: int, dtype: torch.dtype) -> Path:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+    model.to(dtype).save_pretrained(path, safe_serialization=True)
+    make_tokenizer(path, vocab)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return path
+
+
+def make_tiny_moe(path, arch: str = "qwen2_moe", vocab: int = 512, seed: int = 0,
+                  dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A tiny random mixture-of-experts model: ``qwen2_moe`` (4 experts, a shared expert and its
+    gate) or ``mixtral`` (4 experts)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    common = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab, num_experts_per_tok=2,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            intermediate_size=256, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+            num_experts=4, **common))
+    elif arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=256, num_local_experts=4,
+                                                 **common))
+    else:
+        raise ValueError(arch)
+    return _save_random(model, path, vocab, dtype)

@@ -81,7 +81,8 @@ def infer_shape(fmt, t: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 def config_shapes(model_cfg: dict) -> dict[str, tuple[int, int]]:
-    """(K, N) of the usual decoder projections from config.json (Llama/Mistral/Qwen naming).
+    """(K, N) of the usual decoder projections (``self_attn.q_proj`` ... ``mlp.down_proj``) from
+    config.json (Llama/Mistral/Qwen naming).
 
     Like vLLM, inspect trusts the model config for layer sizes, so a truncated tensor is named
     as the one that is wrong. Unknown module names fall back to the tensors' own shapes.
@@ -169,8 +170,12 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
                                       "quantized", tensor=mod, expected="listed as quantized",
                                       found="in the skip/ignore list")
             t = {s: read(*fk) for s, fk in where[mod].items()}
-            leaf = mod.rsplit(".", 1)[-1]
-            K, N = shapes[leaf] if leaf in shapes else infer_shape(fmt, t)
+            parts = mod.rsplit(".", 2)
+            leaf, parent = parts[-1], (parts[-2] if len(parts) > 1 else "")
+            # config sizes only for the plain decoder projections (self_attn.*, mlp.*); MoE
+            # shared experts and others have their own sizes: their tensors' shapes are used
+            K, N = (shapes[leaf] if leaf in shapes and parent in ("self_attn", "mlp")
+                    else infer_shape(fmt, t))
             geo = LayerGeometry(K, N, K, N)
             tensors = {}
             for spec in fmt.tensor_specs(geo):

@@ -2,8 +2,11 @@
 
 Round-to-nearest, per-group scales. Which tensors are quantized is decided from the model's own
 module tree (instantiated on the meta device from config.json, so nothing is loaded twice):
-the weights of ``nn.Linear`` modules, except ``lm_head`` and anything named in ``skip``.
-Embeddings and norms stay as they are. Tensors are streamed file by file; the output is written
+the weights of ``nn.Linear`` modules, except ``lm_head``, anything named in ``skip`` and the
+parts of mixture-of-experts blocks that vLLM builds without a quantization method (routers
+``gate``/``router``, ``shared_expert_gate``, and ``experts``, which vLLM fuses: int4xpu has no
+MoE kernel). Every skipped name is written to ``modules_to_not_convert``, so loading treats
+exactly those modules as unquantized. Embeddings and norms stay as they are. Tensors are streamed file by file; the output is written
 to a temporary directory beside OUT_DIR and renamed at the end, so a crash leaves no half
 checkpoint. No vLLM needed.
 """
@@ -11,6 +14,7 @@ checkpoint. No vLLM needed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,11 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import Int4FormatError
+from .formats.base import _module_matches
 from .formats.native import NativeFormat
 from .weight import ZeroKind, quantize_rtn
 
+logger = logging.getLogger("vllm_int4xpu.quantize")
 SHARD_BYTES = 2 * 1024**3
 DEFAULT_SKIP = ("lm_head",)
+# Module names vLLM's MoE models create unquantized (ReplicatedLinear(..., quant_config=None)
+# routers) or as fused experts; matched like skip entries (see formats.base._module_matches).
+MOE_UNQUANTIZED = ("gate", "router", "shared_expert_gate", "experts")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -56,8 +65,14 @@ def _safetensors_files(src: Path) -> list[Path]:
 
 
 def _is_skipped(tensor_name: str, skip: Iterable[str]) -> bool:
+    """The loader's own rule (a name, a dotted suffix or path component, a glob, 're:' regex)."""
     module = tensor_name.rsplit(".", 1)[0]
-    return any(module == s or module.endswith("." + s) or module.startswith(s + ".") for s in skip)
+    return any(_module_matches(module, s) for s in skip)
+
+
+def moe_skips(linear_names: Iterable[str]) -> list[str]:
+    """The MOE_UNQUANTIZED entries that match a linear layer of this model (none for dense)."""
+    return [s for s in MOE_UNQUANTIZED if any(_is_skipped(n, [s]) for n in linear_names)]
 
 
 def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group_size: int = 64,
@@ -91,6 +106,11 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
         scale_dtype = torch.float16 if name == "float16" else torch.bfloat16
     skip = list(skip)
     linears = linear_weight_names(src)
+    moe = [s for s in moe_skips(linears) if s not in skip]
+    if moe:
+        logger.info("MoE routers/experts stay unquantized (vLLM builds them without a quantization "
+                    "method; int4xpu has no MoE kernel): skipping modules named %s", ", ".join(moe))
+        skip += moe
     files = _safetensors_files(src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
