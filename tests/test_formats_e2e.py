@@ -239,6 +239,27 @@ def test_default_subset_matches_dense_and_builtin(tmp_path):
     check_against_builtin(["ar_gptq_sym_g128"])
 
 
+def test_legacy_quantize_config_json(tmp_path):
+    """Older AutoGPTQ checkpoints keep their settings in quantize_config.json, without
+    quant_method, and nothing in config.json: the same weights give the same logprobs."""
+    from vllm_int4xpu.inspect import check_checkpoint
+
+    src = FIXTURES / "ar_gptq_sym_g128"
+    dst = tmp_path / "legacy_gptq"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("oracle"))
+    cfg = json.loads((dst / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    q.pop("quant_method")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "quantize_config.json").write_text(json.dumps(q))
+    rep = check_checkpoint(str(dst), "cpu")
+    assert not rep.problems and rep.fmt.name == "gptq", rep
+    new, old = run_batch([{"model": str(dst), "quantization": "int4xpu", "dtype": "float32"},
+                          {"model": str(src), "quantization": "int4xpu", "dtype": "float32"}])
+    assert new["ok"] and old["ok"], (new.get("error"), old.get("error"))
+    assert new["method"] == "int4xpu" and new["out"] == old["out"]
+
+
 @pytest.mark.slow
 def test_all_fixtures_match_dense(tmp_path):
     rest = [n for n in fixture_names() if n not in DEFAULT_DENSE]

@@ -388,3 +388,17 @@ def test_autoround_packings_pick_the_right_layout():
     awq = parse_format({**base, "packing_format": "auto_round:auto_awq"})
     assert (v1.zp_offset, v2.zp_offset) == (1, 0)
     assert type(awq).__name__ == "AutoRoundAWQ"
+
+
+def test_legacy_config_files_get_their_quant_method():
+    """AutoAWQ's quant_config.json and AutoGPTQ's quantize_config.json carry no quant_method."""
+    from vllm_int4xpu.formats import with_legacy_quant_method
+    awq = parse_format(with_legacy_quant_method(
+        {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"}))
+    assert awq.name == "awq" and awq.group_size == 64
+    gptq = parse_format(with_legacy_quant_method(
+        {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "damp_percent": 0.01}))
+    assert gptq.name == "gptq" and gptq.group_size == 128
+    native = {"quant_method": "int4xpu", "bits": 4, "group_size": 64, "zero_point": "int"}
+    assert with_legacy_quant_method(native) is native
+    assert with_legacy_quant_method({"bits": 4}) == {"bits": 4}  # unknown: left for the error

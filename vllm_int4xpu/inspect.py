@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import Int4FormatError
-from .formats import LayerGeometry, parse_format
+from .formats import LEGACY_CONFIG_FILES, LayerGeometry, parse_format, with_legacy_quant_method
 from .formats.awq import AWQLayout
 from .formats.compressed_tensors import CompressedTensorsFormat
 from .formats.gptq import GPTQLayout
@@ -120,9 +120,10 @@ def _model_config(path: str) -> dict:
 def _load_config(path: str) -> dict:
     cfg = _model_config(path)
     q = cfg.get("quantization_config") or cfg.get("compression_config")
-    if not q and os.path.exists(os.path.join(path, "quantization_config.json")):
-        with open(os.path.join(path, "quantization_config.json")) as f:
-            q = json.load(f)
+    for name in ("quantization_config.json",) + LEGACY_CONFIG_FILES:
+        if not q and os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                q = with_legacy_quant_method(json.load(f))
     if not q:
         raise Int4FormatError("config.json has no quantization_config", file="config.json",
                               tensor="quantization_config", expected="a dict", found=None)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 import torch
 
 from .errors import Int4FormatError
-from .formats import ACT_DTYPE, CheckpointFormat, LayerGeometry, TensorSpec, detect_format, parse_format
+from .formats import (ACT_DTYPE, LEGACY_CONFIG_FILES, CheckpointFormat, LayerGeometry, TensorSpec,
+                      detect_format, parse_format, with_legacy_quant_method)
 from .kernels import Int4LinearSpec, select_kernel
 from .kernels.ops import int4_linear
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
@@ -103,11 +104,13 @@ class Int4XPUConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        return []
+        # vLLM reads these only when config.json has no quantization_config (older GPTQ/AWQ
+        # checkpoints); with none of them either, vLLM says "Cannot find the config file".
+        return list(LEGACY_CONFIG_FILES)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Int4XPUConfig":
-        return cls(parse_format(config))
+        return cls(parse_format(with_legacy_quant_method(config)))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):

@@ -28,6 +28,24 @@ def detect_format(hf_quant_cfg: Optional[dict[str, Any]]) -> Optional[type[Check
     return None
 
 
+# Stand-alone quantization config files of older producers (when config.json has no
+# ``quantization_config``): AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json.
+LEGACY_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
+
+
+def with_legacy_quant_method(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Fill in ``quant_method`` for the stand-alone files of older producers, which lack it:
+    AutoAWQ's keys (``w_bit``, ``q_group_size``, ``version``) mean awq, AutoGPTQ's (``desc_act``,
+    ``damp_percent``, ``sym``, ``static_groups``) mean gptq. Anything else is left unchanged."""
+    if not isinstance(cfg, dict) or cfg.get("quant_method"):
+        return cfg
+    if any(k in cfg for k in ("w_bit", "q_group_size", "version")):
+        return {**cfg, "quant_method": "awq"}
+    if any(k in cfg for k in ("desc_act", "damp_percent", "sym", "static_groups")):
+        return {**cfg, "quant_method": "gptq"}
+    return cfg
+
+
 def parse_format(hf_quant_cfg: dict[str, Any]) -> CheckpointFormat:
     from ..errors import Int4FormatError
 
@@ -41,4 +59,5 @@ def parse_format(hf_quant_cfg: dict[str, Any]) -> CheckpointFormat:
 
 
 __all__ = ["ACT_DTYPE", "CheckpointFormat", "LayerGeometry", "TensorSpec", "NativeFormat",
-           "FORMATS", "detect_format", "parse_format"]
+           "FORMATS", "LEGACY_CONFIG_FILES", "detect_format", "parse_format",
+           "with_legacy_quant_method"]
