@@ -402,3 +402,11 @@ def test_legacy_config_files_get_their_quant_method():
     native = {"quant_method": "int4xpu", "bits": 4, "group_size": 64, "zero_point": "int"}
     assert with_legacy_quant_method(native) is native
     assert with_legacy_quant_method({"bits": 4}) == {"bits": 4}  # unknown: left for the error
+
+
+@pytest.mark.parametrize("alias, same_as", [("dynamic", "group"), ("static", None)])
+def test_compressed_tensors_actorder_aliases(alias, same_as):
+    """compressed-tensors' ActivationOrdering: "dynamic" aliases "group", "static" "weight"."""
+    assert parse_format(ct_config(128, True, alias)).act_order == (same_as == "group")
+    assert parse_format(ct_config(128, True, alias)).describe() == \
+        parse_format(ct_config(128, True, same_as)).describe()

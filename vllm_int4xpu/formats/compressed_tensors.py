@@ -7,7 +7,8 @@ config.json ``quantization_config``::
     "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": null,
                                   "weights": {"num_bits": 4, "type": "int", "symmetric": true,
                                               "strategy": "group" | "channel", "group_size": 128,
-                                              "actorder": null | "group" | "weight"}}},
+                                              "actorder": null | "group" | "weight"
+                                                          (| "dynamic" | "static")}}},
     "ignore": ["lm_head", "re:.*mlp.gate$"]
 
 Only weight-only 4-bit integer schemes are accepted; every config group must use the same
@@ -77,7 +78,10 @@ def _scheme_of(name: str, grp: dict[str, Any], default_format: str) -> tuple:
         raise _bad("unsupported weight strategy", key + ".weights.strategy", ["group", "channel"],
                    strategy)
     actorder = w.get("actorder")
-    actorder = None if actorder in (None, False, "static") else str(actorder)
+    # compressed-tensors aliases: "dynamic" is "group" (g_idx stored), "static" is "weight"
+    # (calibration only: the stored layout is that of no act-order)
+    actorder = {"dynamic": "group", "static": None}.get(actorder, actorder)
+    actorder = None if actorder in (None, False) else str(actorder)
     if actorder not in (None, "group", "weight"):
         raise _bad("unsupported actorder", key + ".weights.actorder", [None, "group", "weight"],
                    actorder)
