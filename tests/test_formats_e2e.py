@@ -279,8 +279,11 @@ def test_builtin_methods_agree():
 
 
 @pytest.mark.slow
+# torchao: the g64 fixture, since g128 does not divide the 64-channel shards of this tiny model's
+# row-parallel layers (refused with our error, as vLLM's own methods refuse such splits).
+# gptq desc_act: its row-parallel shards get uneven act-order groups -> the reference backend.
 @pytest.mark.parametrize("name", ["ar_gptq_asym_g64", "hqq_g64", "gptq_v1_asym_descact_g32",
-                                  "torchao_plain_g128"])
+                                  "torchao_plain_int32_g64"])
 def test_tp2_equals_tp1(name):
     job = {"model": str(FIXTURES / name), "quantization": "int4xpu", "dtype": "float32"}
     one = run_batch([job])[0]

@@ -133,3 +133,19 @@ def test_validate_names_tensor_expected_found(mutate, match):
 def test_group_size_must_divide_k():
     with pytest.raises(Int4FormatError, match="divide"):
         quantize_rtn(torch.randn(4, 96), 64)
+
+
+def test_act_order_groups_even_detects_row_parallel_shards():
+    """A whole act-order layer has groups of exactly group_size; half of it (a row-parallel
+    shard) generally does not, and permute_input_channels must then refuse."""
+    from vllm_int4xpu.weight import act_order_groups_even, permute_input_channels
+    K, N, g = 256, 16, 32
+    w = quantize_rtn(torch.randn(N, K), g, ZeroKind.INT)
+    gen = torch.Generator().manual_seed(0)
+    w.g_idx = (torch.randperm(K, generator=gen) % (K // g)).to(torch.int32)
+    assert act_order_groups_even(w)
+    half = quantize_rtn(torch.randn(N, K // 2), g, ZeroKind.INT)
+    half.g_idx = w.g_idx[: K // 2]  # the first rank's channels, group ids from the full table
+    assert not act_order_groups_even(half)
+    with pytest.raises(Int4FormatError):
+        permute_input_channels(half, act_order_permutation(half.g_idx))

@@ -20,8 +20,9 @@ import torch
 from .errors import Int4FormatError
 from .formats import (ACT_DTYPE, LEGACY_CONFIG_FILES, CheckpointFormat, LayerGeometry, TensorSpec,
                       detect_format, parse_format, with_legacy_quant_method)
-from .kernels import Int4LinearSpec, select_kernel
+from .kernels import ENV_BACKEND, Int4LinearSpec, load_backend, select_kernel
 from .kernels.ops import int4_linear
+from .weight import act_order_groups_even
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                UnquantizedLinearMethod,
                                                register_weight_loader_v2_supported_method)
@@ -277,7 +278,16 @@ class Int4XPULinearMethod(LinearMethodBase):
             raise e.with_context(file=e.file or self.config.file_of(f"{self.prefix}.qweight")) from None
         device = w.qweight.device
         spec = Int4LinearSpec.of(w, layer.int4_params_dtype, device.type)
-        kernel_cls = select_kernel(spec)
+        if not os.environ.get(ENV_BACKEND) and not act_order_groups_even(w):
+            # A row-parallel shard of an act-order layer: its groups are scattered over the
+            # full K, so the permuting backends cannot make them contiguous. The reference
+            # backend dequantizes with g_idx as it is (exact, slower).
+            logger.warning("int4xpu: %s: act-order groups are split unevenly across tensor-"
+                           "parallel ranks; this layer runs on the 'reference' backend (exact, "
+                           "slower)", self.prefix)
+            kernel_cls = load_backend("reference")
+        else:
+            kernel_cls = select_kernel(spec)
         prepared = kernel_cls(spec).prepare(w)
         for s in layer.int4_specs:
             delattr(layer, s.name)

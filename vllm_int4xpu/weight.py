@@ -231,11 +231,22 @@ def act_order_permutation(g_idx: torch.Tensor) -> torch.Tensor:
     return torch.argsort(g_idx.to(torch.int64), stable=True)
 
 
+def act_order_groups_even(w: Int4Weight) -> bool:
+    """True when every group of ``w.g_idx`` present here has exactly ``group_size`` channels, so
+    :func:`permute_input_channels` can make the groups contiguous. False for a row-parallel shard
+    of a real act-order checkpoint, whose groups are scattered over the full K."""
+    if w.g_idx is None:
+        return True
+    counts = torch.bincount(w.g_idx.to(torch.int64).cpu())
+    return bool(torch.all((counts == 0) | (counts == w.group_size)))
+
+
 def permute_input_channels(w: Int4Weight, perm: torch.Tensor) -> Int4Weight:
     """Return the weight with input channels reordered by ``perm`` and g_idx dropped.
 
-    After sorting, each run of ``group_size`` channels must share one g_idx (true for GPTQ
-    desc_act checkpoints, also per tensor-parallel shard); the scale/zero rows are gathered in
+    After sorting, each run of ``group_size`` channels must share one g_idx (true for a whole
+    GPTQ desc_act layer, not for a row-parallel shard of one: see :func:`act_order_groups_even`);
+    the scale/zero rows are gathered in
     that order so the result is a plain grouped weight. Callers then compute with ``x[:, perm]``.
     Raises Int4FormatError when the groups are uneven.
     """
