@@ -6,9 +6,9 @@ the weights of ``nn.Linear`` modules, except ``lm_head``, anything named in ``sk
 parts of mixture-of-experts blocks that vLLM builds without a quantization method (routers
 ``gate``/``router``, ``shared_expert_gate``, and ``experts``, which vLLM fuses: int4xpu has no
 MoE kernel). Every skipped name is written to ``modules_to_not_convert``, so loading treats
-exactly those modules as unquantized. Embeddings and norms stay as they are. Tensors are streamed file by file; the output is written
-to a temporary directory beside OUT_DIR and renamed at the end, so a crash leaves no half
-checkpoint. No vLLM needed.
+exactly those modules as unquantized. Embeddings and norms stay as they are. Tensors are
+streamed file by file; the output is written to a temporary directory beside OUT_DIR and renamed
+at the end, so a crash leaves no half checkpoint. No vLLM needed.
 """
 
 from __future__ import annotations

@@ -246,15 +246,14 @@ def permute_input_channels(w: Int4Weight, perm: torch.Tensor) -> Int4Weight:
 
     After sorting, each run of ``group_size`` channels must share one g_idx (true for a whole
     GPTQ desc_act layer, not for a row-parallel shard of one: see :func:`act_order_groups_even`);
-    the scale/zero rows are gathered in
-    that order so the result is a plain grouped weight. Callers then compute with ``x[:, perm]``.
-    Raises Int4FormatError when the groups are uneven.
+    the scale/zero rows are gathered in that order so the result is a plain grouped weight.
+    Callers then compute with ``x[:, perm]``. Raises Int4FormatError when the groups are uneven.
     """
     if w.g_idx is None:
         return w
     g = w.group_size
     gi = w.g_idx.to(torch.int64)[perm.to(w.g_idx.device)].view(-1, g)
-    if not torch.equal(gi, gi[:, :1].expand_as(gi)):
+    if not torch.equal(gi, gi[:, :1].expand_as(gi)):  # checks the runs ``perm`` gives
         raise Int4FormatError("g_idx groups are not all of group_size members; cannot reorder",
                               tensor="g_idx", expected=f"each group exactly {g} channels",
                               found="uneven groups")
