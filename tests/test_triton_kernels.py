@@ -63,6 +63,13 @@ ALGOS = {
     "gemv_splitk_kernel2": ("gemv", dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, SERIAL=False)),
     # N % BLOCK_N == 0 (unmasked loads) and more splits than K tiles (empty trailing splits)
     "gemv_even_n_empty_splits": ("gemv", dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=8)),
+    # several rows of x per program (M = 5: the last program has rows past M)
+    "gemv_rows2": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, ROWS=2)),
+    "gemv_pipelined": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, STAGES=3)),
+    "gemv_rows2_pipelined": ("gemv", dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, ROWS=2, STAGES=4)),
+    "gemv_rows4_splitk": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, ROWS=4)),
+    "gemv_rows4_kernel2": ("gemv", dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, ROWS=4,
+                                        SERIAL=False)),
     "gemm_splitk_kernel2": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3,
                                          SERIAL=False)),
     "gemm_gather": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GATHER=1)),

@@ -55,6 +55,21 @@ def nibble_as_float(words, j: tl.constexpr, one_bits):
 
 
 @triton.jit
+def nibble_pair_as_float(words, p: tl.constexpr, one_bits):
+    """Nibbles 2p+1 and 2p of each word from ONE shift: the shift puts nibble 2p+1 at bits 19..22
+    and so nibble 2p at bits 15..18; each and-or with 1.0's bits then gives an exact fp32:
+    hi = 1 + q_{2p+1}/16 and lo = 1 + q_{2p}/256 (one shift + two LOP3 for two weights).
+    """
+    if p < 2:
+        sh = words << (15 - 8 * p)
+    else:
+        sh = words >> (8 * p - 15)  # sign bits shifted in land outside both masks
+    hi = ((sh & 0x00780000) | one_bits).to(tl.float32, bitcast=True)
+    lo = ((sh & 0x00078000) | one_bits).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
 def unpack_along_k(words, one_bits):
     """int32 words [R, W] -> fp32 [R, 8W] holding 1 + q/16 (element 8w + j = nibble j of word w).
 
