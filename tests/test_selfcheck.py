@@ -91,3 +91,13 @@ def test_unavailable_device_is_an_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     assert selfcheck.main(["--quick", "--device", "cuda"]) == 2
+
+
+def test_cli_forwards_options_to_selfcheck():
+    """``vllm-int4xpu selfcheck --device cpu ...``: options right after the subcommand reach it
+    (argparse's REMAINDER used to reject them as "unrecognized arguments")."""
+    from vllm_int4xpu import cli
+    assert cli.main(["selfcheck", "--quick", "--device", "cpu", "--backends", "reference",
+                     "--no-speed"]) == 0
+    assert cli.main(["selfcheck", "--quick", "--device", "cuda"]) == 2 or \
+        __import__("torch").cuda.is_available()

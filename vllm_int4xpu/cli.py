@@ -57,14 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe an int4 checkpoint and the backend that would run it",
                        add_help=False)
-    i.set_defaults(func=lambda a: _forward("vllm_int4xpu.inspect", a.rest))
+    i.set_defaults(func=lambda a: _forward(FORWARDED["inspect"], a.rest))
     i.add_argument("rest", nargs=argparse.REMAINDER)
 
     s = sub.add_parser("selfcheck", help="check every kernel backend on this device against float64",
                        add_help=False)
-    s.set_defaults(func=lambda a: _forward("vllm_int4xpu.selfcheck", a.rest))
+    s.set_defaults(func=lambda a: _forward(FORWARDED["selfcheck"], a.rest))
     s.add_argument("rest", nargs=argparse.REMAINDER)
     return ap
+
+
+FORWARDED = {"inspect": "vllm_int4xpu.inspect", "selfcheck": "vllm_int4xpu.selfcheck"}
 
 
 def _forward(module: str, argv: list[str]) -> int:
@@ -75,6 +78,15 @@ def _forward(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:
+        # argparse's REMAINDER drops a remainder that starts with an option (``selfcheck
+        # --device cpu`` failed with "unrecognized arguments"): hand the rest over as is.
+        try:
+            return _forward(FORWARDED[argv[0]], argv[1:])
+        except Int4FormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
