@@ -192,15 +192,26 @@ def fmt_row(r):
 def tune_candidates(M):
     """The search space per M bucket (kept small: every distinct config is a Triton compile)."""
     cands = []
-    if M == 1:  # (BLOCK_N, BLOCK_K, num_warps); BLOCK_K is clipped to the group size anyway
-        cands += [dict(algo="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=3)
-                  for bn, bk, nw in ((64, 128, 2), (64, 128, 4), (128, 128, 4), (128, 64, 4),
-                                     (256, 64, 8), (128, 32, 4), (256, 32, 4))
-                  for sk in (2, 4, 8)]
-        return cands  # the tensor-core path never won at M = 1
-    if M <= 512:
-        bms = {1: [16], 2: [16], 4: [16], 8: [16], 16: [16], 32: [32], 64: [32, 64],
-               128: [64, 128], 256: [128], 512: [128]}[M]
+    if M <= 4:  # CUDA-core GEMV, M rows of x per program: (BLOCK_N, BLOCK_K, num_warps)
+        # (BLOCK_K is clipped to the group size, 128 here: rows per thread set the bytes in flight)
+        shapes = {1: ((64, 128, 2), (128, 128, 2), (128, 128, 4), (256, 128, 4)),
+                  2: ((64, 128, 2), (64, 128, 1), (128, 128, 4)),
+                  4: ((32, 128, 2), (64, 128, 4), (32, 128, 1))}[M]
+        # STAGES 1: tiles double-buffered in registers; >= 2: the compiler's cp.async pipeline
+        cands += [dict(algo="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, ROWS=M, STAGES=st,
+                       num_warps=nw, num_stages=3)
+                  for bn, bk, nw in shapes for sk in (4, 8, 16)
+                  for st in ((1, 3, 4) if M == 1 else (1, 3))]
+        if M == 1:
+            return cands  # the tensor-core path never won at M = 1
+    if M <= 16:  # tensor cores, one BLOCK_M = 16 tile
+        for bn in (64, 128):
+            for bk in (64, 128):
+                for sk in (2, 4, 8):
+                    cands.append(dict(algo="gemm", BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
+                                      SPLIT_K=sk, num_warps=4, num_stages=3))
+    elif M <= 512:
+        bms = {32: [32], 64: [32, 64], 128: [64, 128], 256: [128], 512: [128]}[M]
         for bm in bms:
             for bn in (64, 128, 256):
                 for bk in (64, 128):

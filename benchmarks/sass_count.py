@@ -5,7 +5,8 @@ of a kernel change can be read before any GPU time is spent. The GEMV is issue-b
 (ncu: ~75 % of issue slots busy at 44 % of DRAM bandwidth), so instructions per weight in the
 loop predict its speed.
 
-    python benchmarks/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 4
+    python benchmarks/sass_count.py gemv --block-n 128 --block-k 128 --num-warps 4 --m 1
+    python benchmarks/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
     python benchmarks/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128
 
 Prints the loop body's instruction histogram and instructions per weight per thread.
@@ -33,10 +34,17 @@ POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf1
 _OP = re.compile(r"^\S*\t(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
+# Integer arguments that the JIT sees as multiples of 16 on the benchmark shapes (it specializes
+# those, and 16-byte-aligned pointers, as "divisible by 16"; without the hint no load vectorizes).
+DIVISIBLE = ("N", "K", "GROUP", "stride_xm", "stride_ym", "stride_qn", "one_bits")
+
+
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
     names = fn.arg_names
     sig = {n: POINTERS.get(n, "constexpr" if n in constexprs else "i32") for n in names}
-    src = ASTSource(fn=fn, signature=sig,
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if (n in POINTERS or n in DIVISIBLE) and n not in constexprs}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -68,11 +76,20 @@ def main():
     ap.add_argument("--num-stages", type=int, default=3)
     ap.add_argument("--group-shift", type=int, default=7, help="log2(group); -1: non-power-of-2")
     ap.add_argument("--zero-kind", type=int, default=2, help="0 none, 1 int, 2 float")
+    ap.add_argument("--stages", type=int, default=1,
+                    help="gemv: 1 = register double buffering, >= 2 = the compiler's pipeline")
+    ap.add_argument("--rows", type=int, default=1, help="gemv: rows of x per program (1, 2, 4)")
+    ap.add_argument("--m", type=int, default=0,
+                    help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
     common = dict(ZERO_KIND=a.zero_kind, HAS_BIAS=False, SPLIT_K=a.split_k, BLOCK_N=a.block_n,
                   BLOCK_K=a.block_k, EVEN_K=True, GROUP_SHIFT=a.group_shift, SERIAL=True)
+    if a.m == 1:
+        common["M"] = 1
     if a.kernel == "gemv":
-        fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True)
+        fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,
+                                              STAGES=a.stages)
+        POINTERS["x_ptr"] = "*i32"  # bf16 activations read as int32 pairs
         weights = a.block_n * a.block_k
     else:
         fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
@@ -84,7 +101,7 @@ def main():
     total = sum(hist.values())
     per_thread = weights / (32 * a.num_warps)
     print(f"{a.kernel} {cex} num_warps={a.num_warps}  triton {triton.__version__}")
-    rows = 1 if a.kernel == "gemv" else a.block_m
+    rows = a.rows if a.kernel == "gemv" else a.block_m
     print(f"loop body: {total} instructions per thread per K tile; {per_thread:.0f} weights per "
           f"thread per tile -> {total / per_thread:.2f} instructions per weight "
           f"({total / per_thread / rows:.2f} per weight and row of x, {rows} rows)")
