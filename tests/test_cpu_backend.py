@@ -107,3 +107,31 @@ def test_custom_op_traces_under_torch_compile():
     f = torch.compile(lambda x: torch.relu(lin(x)) * 2, fullgraph=True, backend="eager")
     x = torch.randn(3, 128)
     assert torch.allclose(f(x), torch.relu(lin(x)) * 2)
+
+
+def test_selector_sends_uneven_act_order_shards_to_reference(monkeypatch, caplog):
+    """A row-parallel shard of an act-order layer (groups no permutation makes contiguous) is
+    refused by every permuting backend, with the reason, and runs exactly on 'reference'."""
+    from vllm_int4xpu.weight import Int4Weight, pack_int4, unpack_int4
+    K, N, g = 256, 32, 32
+    gen = torch.Generator().manual_seed(0)
+    full = quantize_rtn(torch.randn(N, 2 * K), g, ZeroKind.INT)
+    full_g_idx = (torch.randperm(2 * K, generator=gen) % (2 * K // g)).to(torch.int32)
+    # the first rank's half of the input channels; scales/zeros of every group, ids from the
+    # full table (as a GPTQ desc_act layer is split for row parallelism)
+    shard = Int4Weight(pack_int4(unpack_int4(full.qweight)[:, :K]), full.scales, full.zeros,
+                       ZeroKind.INT, g, K, N, full_g_idx[:K])
+    spec = Int4LinearSpec.of(shard, torch.float32, "cpu")
+    assert spec.uneven_act_order and Int4LinearSpec.from_key(spec.key()) == spec
+    even = quantize_rtn(torch.randn(N, K), g, ZeroKind.INT)
+    even.g_idx = (torch.randperm(K, generator=gen) % (K // g)).to(torch.int32)
+    assert not Int4LinearSpec.of(even, torch.float32, "cpu").uneven_act_order
+    with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
+        assert select_kernel(spec).name == "reference"
+    assert any("unevenly" in r.message for r in caplog.records)
+    lin = Int4Linear(shard, torch.float32, "cpu")
+    x = torch.randn(3, K)
+    assert rel_err(lin(x), reference_linear(x, shard)) < 1e-5
+    monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "cpu")
+    with pytest.raises(Int4FormatError, match="unevenly"):
+        select_kernel(spec)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,9 +21,8 @@ import torch
 from .errors import Int4FormatError
 from .formats import (ACT_DTYPE, LEGACY_CONFIG_FILES, CheckpointFormat, LayerGeometry, TensorSpec,
                       detect_format, parse_format, with_legacy_quant_method)
-from .kernels import ENV_BACKEND, Int4LinearSpec, load_backend, select_kernel
+from .kernels import Int4LinearSpec, select_kernel
 from .kernels.ops import int4_linear
-from .weight import act_order_groups_even
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                UnquantizedLinearMethod,
                                                register_weight_loader_v2_supported_method)
@@ -36,6 +36,7 @@ from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleP
 logger = logging.getLogger("vllm.int4xpu")
 
 
+@functools.lru_cache(maxsize=None)
 def _moe_layer_types() -> tuple:
     """vLLM's fused-MoE layer classes (``RoutedExperts`` asks for the quant method in vLLM 0.32;
     ``FusedMoE`` in earlier releases)."""
@@ -278,16 +279,9 @@ class Int4XPULinearMethod(LinearMethodBase):
             raise e.with_context(file=e.file or self.config.file_of(f"{self.prefix}.qweight")) from None
         device = w.qweight.device
         spec = Int4LinearSpec.of(w, layer.int4_params_dtype, device.type)
-        if not os.environ.get(ENV_BACKEND) and not act_order_groups_even(w):
-            # A row-parallel shard of an act-order layer: its groups are scattered over the
-            # full K, so the permuting backends cannot make them contiguous. The reference
-            # backend dequantizes with g_idx as it is (exact, slower).
-            logger.warning("int4xpu: %s: act-order groups are split unevenly across tensor-"
-                           "parallel ranks; this layer runs on the 'reference' backend (exact, "
-                           "slower)", self.prefix)
-            kernel_cls = load_backend("reference")
-        else:
-            kernel_cls = select_kernel(spec)
+        # a row-parallel shard of an act-order layer (uneven groups) is refused by the permuting
+        # backends and runs on the reference one; the selector logs the choice and why
+        kernel_cls = select_kernel(spec)
         prepared = kernel_cls(spec).prepare(w)
         for s in layer.int4_specs:
             delattr(layer, s.name)

@@ -20,7 +20,8 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from ..weight import Int4Weight, ZeroKind, act_order_permutation, permute_input_channels
+from ..weight import (Int4Weight, ZeroKind, act_order_groups_even, act_order_permutation,
+                      permute_input_channels)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -36,11 +37,15 @@ class Int4LinearSpec:
     has_g_idx: bool
     act_dtype: torch.dtype
     device_type: str  # "cpu" | "cuda" | "xpu"
+    # act-order groups that no input-channel permutation makes contiguous (a row-parallel shard
+    # of a desc_act layer): only backends that keep g_idx as is (Int4Kernel.keeps_g_idx) can run it
+    uneven_act_order: bool = False
 
     @classmethod
     def of(cls, w: Int4Weight, act_dtype: torch.dtype, device_type: str) -> "Int4LinearSpec":
         return cls(w.in_features, w.out_features, w.group_size, ZeroKind(w.zero_kind),
-                   w.g_idx is not None, act_dtype, device_type)
+                   w.g_idx is not None, act_dtype, device_type,
+                   w.g_idx is not None and not act_order_groups_even(w))
 
     @property
     def is_per_channel(self) -> bool:
@@ -50,12 +55,14 @@ class Int4LinearSpec:
         """A string form, so the spec can travel through a torch custom op."""
         return ",".join([str(self.in_features), str(self.out_features), str(self.group_size),
                          self.zero_kind.value, str(int(self.has_g_idx)),
-                         str(self.act_dtype).replace("torch.", ""), self.device_type])
+                         str(self.act_dtype).replace("torch.", ""), self.device_type,
+                         str(int(self.uneven_act_order))])
 
     @classmethod
     def from_key(cls, key: str) -> "Int4LinearSpec":
-        k, n, g, z, gi, dt, dev = key.split(",")
-        return cls(int(k), int(n), int(g), ZeroKind(z), bool(int(gi)), _DTYPES[dt], dev)
+        k, n, g, z, gi, dt, dev, uneven = key.split(",")
+        return cls(int(k), int(n), int(g), ZeroKind(z), bool(int(gi)), _DTYPES[dt], dev,
+                   bool(int(uneven)))
 
 
 class Int4Kernel(ABC):
@@ -63,6 +70,9 @@ class Int4Kernel(ABC):
 
     name: ClassVar[str]
     tensor_names: ClassVar[Sequence[str]]
+    # True for a backend that computes with g_idx as given (no permutation into contiguous
+    # groups), so it can run act-order layers whose groups are uneven (see Int4LinearSpec)
+    keeps_g_idx: ClassVar[bool] = False
 
     def __init__(self, spec: Int4LinearSpec):
         self.spec = spec

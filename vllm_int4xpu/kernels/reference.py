@@ -37,6 +37,7 @@ def weight_from_tensors(spec: Int4LinearSpec, t: Sequence[torch.Tensor]) -> Int4
 class ReferenceKernel(Int4Kernel):
     name = "reference"
     tensor_names = ("qweight", "scales", "zeros", "g_idx")
+    keeps_g_idx = True  # dequantizes with g_idx as it is
 
     @classmethod
     def can_implement(cls, spec: Int4LinearSpec):

@@ -58,6 +58,9 @@ def check_backend(name: str, spec: Int4LinearSpec) -> tuple[bool, str]:
     cls = load_backend(name)
     if cls is None:
         return False, "module not importable on this install"
+    if spec.uneven_act_order and not cls.keeps_g_idx:
+        return False, ("act-order groups split unevenly across tensor-parallel ranks (no "
+                       "permutation makes them contiguous; needs a backend that keeps g_idx)")
     ok, why = cls.can_implement(spec)
     return ok, (why or "")
 
@@ -87,8 +90,9 @@ def select_kernel(spec: Int4LinearSpec, forced: Optional[str] = None) -> type[In
 def _describe(spec: Int4LinearSpec) -> str:
     g = "channel" if spec.is_per_channel else spec.group_size
     return (f"K={spec.in_features} N={spec.out_features} group={g} zero={spec.zero_kind.value}"
-            f"{' act-order' if spec.has_g_idx else ''} {str(spec.act_dtype).replace('torch.', '')}"
-            f" on {spec.device_type}")
+            f"{' act-order' if spec.has_g_idx else ''}"
+            f"{' (uneven groups)' if spec.uneven_act_order else ''}"
+            f" {str(spec.act_dtype).replace('torch.', '')} on {spec.device_type}")
 
 
 @functools.lru_cache(maxsize=256)
