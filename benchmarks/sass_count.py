@@ -50,6 +50,25 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def ptxas_registers(ptx: str) -> str:
+    """'N registers, S bytes spilled' from Triton's bundled ptxas -v (empty if it cannot run)."""
+    import subprocess
+    import tempfile
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        try:
+            r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o",
+                                str(Path(d) / "k.cubin")], capture_output=True, text=True,
+                               timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return f"{regs.group(1)} registers, {spill.group(1) if spill else '?'} bytes spilled" if regs else ""
+
+
 def loop_histogram(sass: str) -> collections.Counter:
     """Opcode counts of the block that ends in a backward branch to its own label (the K loop)."""
     lines = sass.splitlines()
@@ -106,7 +125,7 @@ def main():
           f"thread per tile -> {total / per_thread:.2f} instructions per weight "
           f"({total / per_thread / rows:.2f} per weight and row of x, {rows} rows)")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common(24)))
-    print(f"whole kernel: {n_all} instructions")
+    print(f"whole kernel: {n_all} instructions; {ptxas_registers(ck.asm['ptx'])}")
 
 
 if __name__ == "__main__":
