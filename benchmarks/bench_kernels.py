@@ -194,14 +194,18 @@ def tune_candidates(M):
     cands = []
     if M <= 4:  # CUDA-core GEMV, M rows of x per program: (BLOCK_N, BLOCK_K, num_warps)
         # (BLOCK_K is clipped to the group size, 128 here: rows per thread set the bytes in flight)
-        shapes = {1: ((64, 128, 2), (128, 128, 2), (128, 128, 4), (256, 128, 4)),
-                  2: ((64, 128, 2), (64, 128, 1), (128, 128, 4)),
+        # (more words per thread: fewer instructions per weight but more registers, so fewer
+        # warps to hide load latency; the GEMV is latency-bound, so both ends are searched)
+        shapes = {1: ((64, 128, 2), (128, 128, 2), (128, 128, 4), (256, 128, 4), (128, 64, 2),
+                      (256, 64, 4), (64, 64, 2), (128, 64, 4)),
+                  2: ((64, 128, 2), (64, 128, 1), (128, 128, 4), (64, 64, 1), (32, 64, 1),
+                      (128, 64, 2), (64, 64, 2)),
                   4: ((32, 128, 2), (64, 128, 4), (32, 128, 1))}[M]
         # STAGES 1: tiles double-buffered in registers; >= 2: the compiler's cp.async pipeline
         cands += [dict(algo="gemv", BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, ROWS=M, STAGES=st,
                        num_warps=nw, num_stages=3)
                   for bn, bk, nw in shapes for sk in (4, 8, 16)
-                  for st in ((1, 3, 4) if M == 1 else (1, 3))]
+                  for st in ((1, 3, 4) if M <= 2 else (1, 3))]
         if M == 1:
             return cands  # the tensor-core path never won at M = 1
     if M <= 16:  # tensor cores, one BLOCK_M = 16 tile
