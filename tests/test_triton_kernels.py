@@ -132,6 +132,17 @@ def test_group_not_a_power_of_two(algo):
 
 
 @interpreted
+@pytest.mark.parametrize("group", [16, 48])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_gemv_tiles_of_two_words(group, rows):
+    """Groups of 16 / 48 clip the GEMV tile to BLOCK_K = 16 (two words per row)."""
+    w = make_weight(24, 96 if group == 48 else 64, group, ZeroKind.FLOAT, torch.bfloat16, seed=5)
+    x = torch.randn(3, w.in_features, dtype=torch.bfloat16)
+    y = run(w, x, algo="gemv", BLOCK_N=8, SPLIT_K=2, ROWS=rows)
+    assert rel(y, reference_linear(x, w)) < TOL[torch.bfloat16]
+
+
+@interpreted
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("M", [1, 20])
 def test_dispatch_each_group_size(group, M):

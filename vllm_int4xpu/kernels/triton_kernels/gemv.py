@@ -85,7 +85,14 @@ def _row_step(t, xh, xl16, v_hi, v_lo, x_row, k, k_hi, X_PAIRS: tl.constexpr,
 @triton.jit
 def _row_fold(acc, acc_r, t, xh, xl16, s16, b):
     """Fold one tile's sums of one row into its accumulators (see the kernel's comment)."""
-    acc += t * s16[:, None]
+    BN: tl.constexpr = t.shape[0]
+    W: tl.constexpr = t.shape[1]
+    if W >= 4:
+        # sum each run of 4 words first: they sit in one thread (one 16-byte load), so this is
+        # in-register and keeps the accumulator at a quarter of the tile (fewer registers)
+        acc += tl.sum(tl.reshape(t, [BN, W // 4, 4]), axis=2) * s16[:, None]
+    else:
+        acc += t * s16[:, None]
     sh = tl.sum(xh, axis=0)  # the x sums are the same for every output: reduce them first,
     sl = tl.sum(xl16, axis=0)  # then one FMA per output row
     acc_r += b * (sh + sl * 0.0625)
@@ -166,7 +173,8 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     # Per row, a 2-D accumulator [BLOCK_N, BLOCK_K/8] (column w sums nibble j of word w times
     # x[8w + j] over j and tiles: the one cross-lane reduction along K happens after the loop)
     # and a [BLOCK_N] one for the terms that do not depend on the codes.
-    acc0 = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
+    ACC_W: tl.constexpr = BLOCK_K // 32 if BLOCK_K >= 32 else BLOCK_K // 8
+    acc0 = tl.zeros([BLOCK_N, ACC_W], dtype=tl.float32)
     acc_r0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = acc0, acc_r0, acc0, acc_r0, acc0, acc_r0
     w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
