@@ -3,11 +3,12 @@ K split).
 
 Each K tile is a [BN, BK/8] block of packed words (16-byte loads along K). It is never interleaved
 into k order: nibble j of word w is input channel 8w + j, so the kernel works on nibble *planes*
-(each a [BN, BK/8] tensor in the words' own layout) against the matching strided slices of x, and
-keeps a 2-D accumulator whose one cross-lane reduction along K happens after the loop. Two planes
-come from one shift (``nibble_pair_as_float``); inside a group w = q*s + b, so scale and offset are
-applied once per tile on the sums. What is left per weight is about one shift per two weights, one
-LOP3 and one FMA (3.4-4.0 SASS instructions per weight at M = 1, ``benchmarks/sass_count.py``,
+(each a [BN, BK/8] tensor in the words' own layout) against the matching strided slices of x. The
+accumulator is 2-D ([BN, BK/32]: each thread's four words of a 16-byte load are summed in-thread
+per tile), so the one cross-lane reduction along K happens after the loop. Two planes come from one
+shift (``nibble_pair_as_float``); inside a group w = q*s + b, so scale and offset are applied once
+per tile on the sums. What is left per weight is about one shift per two weights, one LOP3 and one
+FMA (4.1 SASS instructions per weight at M = 1 with 72 registers, ``benchmarks/sass_count.py``,
 against 6.5 for the earlier interleaved unpack), and x is read as int32 pairs of bf16/fp16.
 
 ROWS = 2 or 4 rows of x share each unpacked tile (M = 2..4). STAGES = 1 double-buffers the next
