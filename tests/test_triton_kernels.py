@@ -132,6 +132,17 @@ def test_group_not_a_power_of_two(algo):
 
 
 @interpreted
+def test_gemv_x_views():
+    """x read as int32 pairs: a one-row view at an odd element offset and a strided view still
+    give the right answer (copied first), and a plain slice is read in place."""
+    w = make_weight(24, 128, 64, ZeroKind.INT, torch.bfloat16, seed=6)
+    big = torch.randn(3, 2 * 128 + 1, dtype=torch.bfloat16)
+    for x in (big[:1, 1:129], big[:, 1:129], big[:, 128:256]):
+        y = run(w, x, algo="gemv", BLOCK_N=8, SPLIT_K=2, ROWS=2 if x.shape[0] > 1 else 1)
+        assert rel(y, reference_linear(x, w)) < TOL[torch.bfloat16]
+
+
+@interpreted
 @pytest.mark.parametrize("group", [16, 48])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_gemv_tiles_of_two_words(group, rows):

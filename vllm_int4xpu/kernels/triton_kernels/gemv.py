@@ -250,6 +250,8 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
     x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
     if x_pairs:
+        if x.stride(-1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # not pair-aligned
+            x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         x = x.view(torch.int32)
     int4_gemv_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
                            ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
