@@ -65,6 +65,9 @@ ALGOS = {
     "gemv_even_n_empty_splits": ("gemv", dict(BLOCK_N=8, BLOCK_K=128, SPLIT_K=8)),
     # several rows of x per program (M = 5: the last program has rows past M)
     "gemv_rows2": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=1, ROWS=2)),
+    # split index fastest in the grid (the splits of an N tile run side by side)
+    "gemv_k_fastest": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, ROWS=2, K_FASTEST=1)),
+    "gemm_k_fastest": ("gemm", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=4, K_FASTEST=1)),
     "gemv_pipelined": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2, STAGES=3)),
     "gemv_rows2_pipelined": ("gemv", dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, ROWS=2, STAGES=4)),
     "gemv_rows4_splitk": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, ROWS=4)),

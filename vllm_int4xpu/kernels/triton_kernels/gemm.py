@@ -23,10 +23,18 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                     SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+                     SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
+                     K_FASTEST: tl.constexpr):
+    if K_FASTEST:  # the K splits of one N tile run side by side (whole weight rows at once)
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        n_tiles = tl.num_programs(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        n_tiles = tl.num_programs(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -73,7 +81,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
     if SPLIT_K > 1 and SERIAL:  # the last split to finish reduces (see splitk_serial_reduce)
         acc, count = splitk_serial_reduce(acc, ws_ptr + ws_offs, M * N, mask,
-                                            cnt_ptr + pid_m * tl.num_programs(0) + pid_n, pid_k,
+                                            cnt_ptr + pid_m * n_tiles + pid_n, pid_k,
                                             SPLIT_K)
     if SPLIT_K == 1 or SERIAL:
         if HAS_BIAS:
@@ -86,12 +94,17 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
+              K_FASTEST=False,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
     N = qweight.shape[0]
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), SPLIT_K)
-    serial = bool(SERIAL) and SPLIT_K > 1 and grid[0] * grid[1] <= MAX_TILES
+    serial_tiles = grid[0] * grid[1]
+    K_FASTEST = bool(K_FASTEST) and SPLIT_K > 1 and max(grid[0], grid[1]) <= 65535  # grid y/z
+    if K_FASTEST:
+        grid = (SPLIT_K, grid[0], grid[1])
+    serial = bool(SERIAL) and SPLIT_K > 1 and serial_tiles <= MAX_TILES
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
@@ -101,7 +114,8 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            SPLIT_K=SPLIT_K, GROUP_SHIFT=group_shift(group, K), BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
-                           SERIAL=serial, num_warps=num_warps, num_stages=num_stages, **extra)
+                           SERIAL=serial, K_FASTEST=K_FASTEST, num_warps=num_warps,
+                           num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
     return out

@@ -150,10 +150,18 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
-                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+                     K_FASTEST: tl.constexpr):
+    if K_FASTEST:  # the K splits of one N tile run side by side (whole weight rows at once)
+        pid_k = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        n_tiles = tl.num_programs(1)
+    else:
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        n_tiles = tl.num_programs(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -222,7 +230,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     ws_offs = offs_m[None, :] * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
     if SPLIT_K > 1 and SERIAL:  # the last split to finish reduces (see splitk_serial_reduce)
         res, count = splitk_serial_reduce(res, ws_ptr + ws_offs, M * N, mask,
-                                          cnt_ptr + pid_m * tl.num_programs(0) + pid_n, pid_k,
+                                          cnt_ptr + pid_m * n_tiles + pid_n, pid_k,
                                           SPLIT_K)
     if SPLIT_K == 1 or SERIAL:
         if HAS_BIAS:
@@ -236,14 +244,18 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, SERIAL=True, ROWS=1, STAGES=1,
-              num_warps=4, num_stages=2, **extra):
+              K_FASTEST=True, num_warps=4, num_stages=2, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller."""
     M, K = x.shape
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
     assert ROWS in (1, 2, 4), ROWS
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS), SPLIT_K)
-    serial = bool(SERIAL) and SPLIT_K > 1 and grid[0] * grid[1] <= MAX_TILES
+    serial_tiles = grid[0] * grid[1]
+    K_FASTEST = bool(K_FASTEST) and SPLIT_K > 1 and max(grid[0], grid[1]) <= 65535  # grid y/z
+    if K_FASTEST:
+        grid = (SPLIT_K, grid[0], grid[1])
+    serial = bool(SERIAL) and SPLIT_K > 1 and serial_tiles <= MAX_TILES
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
@@ -260,6 +272,7 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
                            GROUP_SHIFT=group_shift(group, K), SERIAL=serial,
                            X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
+                           K_FASTEST=K_FASTEST,
                            num_warps=num_warps, num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
