@@ -107,11 +107,13 @@ def main():
         common["M"] = 1
     if a.kernel == "gemv":
         fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,
+                                              K_FASTEST=True,
                                               STAGES=a.stages)
         POINTERS["x_ptr"] = "*i32"  # bf16 activations read as int32 pairs
         weights = a.block_n * a.block_k
     else:
         fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
+                                              K_FASTEST=False,
                                               IEEE=False)
         weights = a.block_n * a.block_k
     ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)

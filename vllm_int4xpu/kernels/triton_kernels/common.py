@@ -119,6 +119,27 @@ def group_scale_offset(s_ptr, z_ptr, g, offs_n, n_mask, N, ZERO_KIND: tl.constex
 
 
 @triton.jit
+def tile_ids(K_FASTEST: tl.constexpr):
+    """(pid_n, pid_m, pid_k, number of N tiles) of this program for the grid of
+    :func:`splitk_grid`: K_FASTEST puts the split index first, so the K splits of one N tile run
+    side by side and read whole weight rows together."""
+    if K_FASTEST:
+        return tl.program_id(1), tl.program_id(2), tl.program_id(0), tl.num_programs(1)
+    else:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+
+
+def splitk_grid(n_tiles: int, m_tiles: int, split_k: int, serial: bool, k_fastest: bool):
+    """(grid, serial, k_fastest) of a split-K launch: the serial reduction needs one counter per
+    (N, M) tile (at most MAX_TILES); the split-first order needs split-K and N, M tiles that fit
+    the grid's y/z limit (65535)."""
+    serial = bool(serial) and split_k > 1 and n_tiles * m_tiles <= MAX_TILES
+    k_fastest = bool(k_fastest) and split_k > 1 and max(n_tiles, m_tiles) <= 65535
+    grid = (split_k, n_tiles, m_tiles) if k_fastest else (n_tiles, m_tiles, split_k)
+    return grid, serial, k_fastest
+
+
+@triton.jit
 def splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, M, N, stride_ym,
                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y[m, n] = sum_s ws[s, m, n] (+ bias[n]), cast to y's dtype; ws is fp32 [SPLIT_K, M, N]."""

@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (MAX_TILES, ONE_BITS, codes_to_float, group_of, group_scale_offset,
-                     group_shift, interpreting, splitk_reduce, splitk_serial_reduce, tile_counters,
-                     unpack_along_k)
+from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
+                     interpreting, splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters,
+                     tile_ids, unpack_along_k)
 
 
 @triton.jit
@@ -25,16 +25,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                      K_FASTEST: tl.constexpr):
-    if K_FASTEST:  # the K splits of one N tile run side by side (whole weight rows at once)
-        pid_k = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        n_tiles = tl.num_programs(1)
-    else:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        n_tiles = tl.num_programs(0)
+    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -99,12 +90,8 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
     N = qweight.shape[0]
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), SPLIT_K)
-    serial_tiles = grid[0] * grid[1]
-    K_FASTEST = bool(K_FASTEST) and SPLIT_K > 1 and max(grid[0], grid[1]) <= 65535  # grid y/z
-    if K_FASTEST:
-        grid = (SPLIT_K, grid[0], grid[1])
-    serial = bool(SERIAL) and SPLIT_K > 1 and serial_tiles <= MAX_TILES
+    grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M),
+                                          SPLIT_K, SERIAL, K_FASTEST)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws

@@ -25,8 +25,8 @@ import triton
 from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
-from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
-                     nibble_pair_as_float, splitk_reduce, splitk_serial_reduce, tile_counters)
+from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
+                     splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters, tile_ids)
 
 
 @triton.jit
@@ -155,16 +155,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
                      X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
                      K_FASTEST: tl.constexpr):
-    if K_FASTEST:  # the K splits of one N tile run side by side (whole weight rows at once)
-        pid_k = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        n_tiles = tl.num_programs(1)
-    else:
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        n_tiles = tl.num_programs(0)
+    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -253,12 +244,8 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
     assert ROWS in (1, 2, 4), ROWS
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS), SPLIT_K)
-    serial_tiles = grid[0] * grid[1]
-    K_FASTEST = bool(K_FASTEST) and SPLIT_K > 1 and max(grid[0], grid[1]) <= 65535  # grid y/z
-    if K_FASTEST:
-        grid = (SPLIT_K, grid[0], grid[1])
-    serial = bool(SERIAL) and SPLIT_K > 1 and serial_tiles <= MAX_TILES
+    grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS),
+                                          SPLIT_K, SERIAL, K_FASTEST)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
