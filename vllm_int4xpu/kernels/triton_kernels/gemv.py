@@ -173,9 +173,9 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     x_row1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
     x_row2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
     x_row3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
-    # Per row, a 2-D accumulator [BLOCK_N, BLOCK_K/8] (column w sums nibble j of word w times
-    # x[8w + j] over j and tiles: the one cross-lane reduction along K happens after the loop)
-    # and a [BLOCK_N] one for the terms that do not depend on the codes.
+    # Per row, a 2-D accumulator [BLOCK_N, BLOCK_K/32] (column c sums the code terms of the
+    # thread-local run of 4 words c over tiles, see _row_fold: the one cross-lane reduction
+    # along K happens after the loop) and a [BLOCK_N] one for the terms without codes.
     ACC_W: tl.constexpr = BLOCK_K // 32 if BLOCK_K >= 32 else BLOCK_K // 8
     acc0 = tl.zeros([BLOCK_N, ACC_W], dtype=tl.float32)
     acc_r0 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -212,11 +212,13 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                 EVEN_K, ROWS)
             words, s, b = nwords, ns, nb
     # [BLOCK_N, ROWS] result: column r is row m0 + r
-    res = (tl.sum(acc0, axis=1) + acc_r0)[:, None]
-    if ROWS == 2:
-        res = tl.join(tl.sum(acc0, axis=1) + acc_r0, tl.sum(acc1, axis=1) + acc_r1)
-    if ROWS == 4:
-        lo2 = tl.join(tl.sum(acc0, axis=1) + acc_r0, tl.sum(acc1, axis=1) + acc_r1)
+    y0 = tl.sum(acc0, axis=1) + acc_r0
+    if ROWS == 1:
+        res = y0[:, None]
+    elif ROWS == 2:
+        res = tl.join(y0, tl.sum(acc1, axis=1) + acc_r1)
+    else:
+        lo2 = tl.join(y0, tl.sum(acc1, axis=1) + acc_r1)
         hi2 = tl.join(tl.sum(acc2, axis=1) + acc_r2, tl.sum(acc3, axis=1) + acc_r3)
         res = tl.reshape(tl.permute(tl.join(lo2, hi2), (0, 2, 1)), (BLOCK_N, 4))
     offs_m = m0 + tl.arange(0, ROWS)
