@@ -230,13 +230,16 @@ def tune_candidates(M):
             for ns in (3, 4):
                 cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1,
                                   num_warps=8, num_stages=ns))
+    # the same tensor-core tiles with the weight unpacked straight into MMA-fragment order
+    cands += [dict(c, FRAG=1) for c in cands if c["algo"] == "gemm" and c["BLOCK_K"] >= 32
+              and c["BLOCK_N"] % (16 * c["num_warps"]) == 0 and c["BLOCK_M"] <= 256]
     if M >= 256:
         cands += [dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=c)
                   for c in (0, 2048, 4096, 8192)]
     return cands
 
 
-def tune(path, shapes, ms, budget_s):
+def tune(path, shapes, ms, budget_s, algos=None):
     table = json.loads(Path(path).read_text()) if Path(path).exists() else {"default": {}}
     shapes_tbl = table.setdefault("shapes", {})
     t_end = time.time() + budget_s
@@ -251,7 +254,11 @@ def tune(path, shapes, ms, budget_s):
                 break
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             best = None
-            for c in tune_candidates(M):
+            cands = [c for c in tune_candidates(M) if algos is None or c["algo"] in algos]
+            if algos is not None:  # a partial search must beat the table's current choice
+                algo0, cfg0 = choose_config(device_family(x.device), M, K, N, GROUP)
+                cands.insert(0, dict(cfg0, algo=algo0))
+            for c in cands:
                 c = dict(c)
                 algo = c.pop("algo")
                 try:
@@ -276,6 +283,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tune", metavar="JSON", help="sweep configs and write the table here")
     ap.add_argument("--tune-budget", type=float, default=400)
+    ap.add_argument("--tune-algos", default=None,
+                    help="search only these algorithms (e.g. gemm); the table's current row "
+                         "competes too, so a row is only replaced by something faster")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--shapes", default=None, help="e.g. 4096x6144,14336x4096")
     ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
@@ -288,7 +298,8 @@ def main():
     if a.ms:
         ms = [int(v) for v in a.ms.split(",")]
     if a.tune:
-        tune(a.tune, shapes if a.shapes else TUNE_SHAPES, ms if a.ms else TUNE_MS, a.tune_budget)
+        tune(a.tune, shapes if a.shapes else TUNE_SHAPES, ms if a.ms else TUNE_MS, a.tune_budget,
+             a.tune_algos.split(",") if a.tune_algos else None)
         return
     fam = device_family(torch.device("cuda"))
     print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "

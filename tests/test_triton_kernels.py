@@ -75,6 +75,10 @@ ALGOS = {
                                         SERIAL=False)),
     "gemm_splitk_kernel2": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3,
                                          SERIAL=False)),
+    # weight tile unpacked straight into the MMA fragment order (x permuted to match)
+    "gemm_frag": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, FRAG=1)),
+    "gemm_frag_bk32": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, FRAG=1,
+                                    num_warps=2)),
     "gemm_gather": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GATHER=1)),
     "dequant": ("dequant", dict(BLOCK_N=16, BLOCK_K=64)),
     "dequant_chunked": ("dequant", dict(BLOCK_N=16, BLOCK_K=64, CHUNK_N=16)),

@@ -13,8 +13,64 @@ import triton
 import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
+                     nibble_pair_as_float,
                      interpreting, splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters,
                      tile_ids, unpack_along_k)
+
+
+@triton.jit
+def _frag_rows(BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """Row of the N tile held at load-layout row r: a [BN, BK/8] int32 load spreads rows as
+    8 lanes x W warps x reps; the A fragment wants 16-row blocks per warp with rows g and g + 8
+    in one thread, so load row r = 8 W (2 a + b) + 8 wp + g holds tile row 16 W a + 16 wp + 8 b + g."""
+    r = tl.arange(0, BLOCK_N)
+    g = r % 8
+    wp = (r // 8) % W
+    rep = r // (8 * W)
+    return g + 8 * (rep % 2) + 16 * wp + 16 * W * (rep // 2)
+
+
+@triton.jit
+def _frag_rows_back(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """Rows of w from load order (_frag_rows) back to tile order."""
+    w5 = tl.reshape(w, [BLOCK_N // (16 * W), 2, W, 8, BLOCK_K])
+    w5 = tl.permute(w5, [0, 2, 1, 3, 4])
+    return tl.reshape(w5, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _frag_order(x, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[R, BLOCK_K] in k order -> the kernel's fragment order k' (see _frag_dequant)."""
+    I: tl.constexpr = BLOCK_K // 32
+    x6 = tl.reshape(x, [R, 4, I, 2, 2, 2])  # k = 8I t + 8 i + 4 h + 2 e1 + e0
+    x6 = tl.permute(x6, [0, 2, 3, 4, 1, 5])  # -> [R, i, h, e1, t, e0]
+    return tl.reshape(x6, [R, BLOCK_K])
+
+
+@triton.jit
+def _frag_dequant(words, s, b, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """words [BN, BK/8] (k order) -> fp32 [BN, BK] in fragment order k' = 32 i + 16 h + 8 e1 +
+    2 t + e0 for the channel k = 8I t + 8 i + 4 h + 2 e1 + e0: thread t of an MMA quad owns
+    words I t .. I t + I - 1 whole, and each k16 slice of k' is what the A fragment wants."""
+    I: tl.constexpr = BLOCK_K // 32
+    w3 = tl.reshape(words, [BLOCK_N, 4, I])
+    s3 = s[:, None, None]
+    b3 = b[:, None, None]
+    hi0, lo0 = nibble_pair_as_float(w3, 0, one_bits)
+    hi1, lo1 = nibble_pair_as_float(w3, 1, one_bits)
+    hi2, lo2 = nibble_pair_as_float(w3, 2, one_bits)
+    hi3, lo3 = nibble_pair_as_float(w3, 3, one_bits)
+    s16 = 16.0 * s3
+    s256 = 256.0 * s3
+    b16 = b3 - s16
+    b256 = b3 - s256
+    p0 = tl.join(lo0 * s256 + b256, hi0 * s16 + b16)  # [BN, t, i, e0]
+    p1 = tl.join(lo1 * s256 + b256, hi1 * s16 + b16)
+    p2 = tl.join(lo2 * s256 + b256, hi2 * s16 + b16)
+    p3 = tl.join(lo3 * s256 + b256, hi3 * s16 + b16)
+    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [BN, t, i, e0, e1, h]
+    q = tl.permute(q, [0, 2, 5, 4, 1, 3])  # [BN, i, h, e1, t, e0]
+    return tl.reshape(q, [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
@@ -24,7 +80,8 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
-                     K_FASTEST: tl.constexpr):
+                     K_FASTEST: tl.constexpr, FRAG: tl.constexpr = False,
+                     NUM_WARPS: tl.constexpr = 4):
     pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -36,11 +93,16 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     tiles_per_split = tl.cdiv(tiles, SPLIT_K)
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    qw_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    if FRAG:  # rows in the order the words' load layout holds them (see _frag_rows)
+        offs_nl = pid_n * BLOCK_N + _frag_rows(BLOCK_N, NUM_WARPS)
+    else:
+        offs_nl = offs_n
+    nl_mask = offs_nl < N
+    qw_rows = qw_ptr + offs_nl[:, None].to(tl.int64) * stride_qn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     s, b = group_scale_offset(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
-                              offs_n, n_mask, N, ZERO_KIND)
+                              offs_nl, nl_mask, N, ZERO_KIND)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xk = k0 + offs_k
         k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
@@ -48,10 +110,18 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
         ns, nb = group_scale_offset(s_ptr, z_ptr,
                                     group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
-                                    offs_n, n_mask, N, ZERO_KIND)
+                                    offs_nl, nl_mask, N, ZERO_KIND)
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        if FRAG:
+            x = _frag_order(x, BLOCK_M, BLOCK_K)
         xt = tl.trans(x)
-        if GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
+        if FRAG:
+            wk = k0 // 8 + offs_w
+            w_ok = (wk < K // 8) | EVEN_K
+            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
+            w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
+            w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
+        elif GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
             words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
                             other=0)
             q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
@@ -85,11 +155,14 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False,
+              K_FASTEST=False, FRAG=False,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
     N = qweight.shape[0]
+    # FRAG is a speed option: tiles it cannot lay out (K tiles of 16 for group 16/48, N tiles
+    # smaller than 16 rows per warp) take the interleaving unpack, with the same result
+    FRAG = bool(FRAG) and BLOCK_K % 32 == 0 and BLOCK_N % (16 * num_warps) == 0
     grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M),
                                           SPLIT_K, SERIAL, K_FASTEST)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
@@ -101,7 +174,8 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            SPLIT_K=SPLIT_K, GROUP_SHIFT=group_shift(group, K), BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
-                           SERIAL=serial, K_FASTEST=K_FASTEST, num_warps=num_warps,
+                           SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=bool(FRAG),
+                           NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
