@@ -42,9 +42,15 @@ def main():
             ts = []
             for v in values:
                 kw = dict(cfg, **{a.option: v})
-                ts.append(time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
-                                                              w.zero_kind, GROUP, algo=algo, **kw)
-                                      for w in ws]))
+                try:
+                    ts.append(time_graph([lambda w=w: int4_matmul(
+                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=algo, **kw)
+                        for w in ws]))
+                except KeyError:  # the option is not a parameter of this row's algorithm
+                    break
+            if len(ts) < len(values):
+                print(f"{K:6d} {N:6d} M={M:<5d} {algo:5s} has no {a.option}", flush=True)
+                continue
             cells = "  ".join(f"{t:8.1f} ({t / ts[0]:.2f})" for t in ts)
             print(f"{K:6d} {N:6d} M={M:<5d} {algo:5s} split-K {cfg.get('SPLIT_K', 1):2d}  {cells}",
                   flush=True)

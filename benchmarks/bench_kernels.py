@@ -230,9 +230,13 @@ def tune_candidates(M):
             for ns in (3, 4):
                 cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1,
                                   num_warps=8, num_stages=ns))
-    # the same tensor-core tiles with the weight unpacked straight into MMA-fragment order
-    cands += [dict(c, FRAG=1) for c in cands if c["algo"] == "gemm" and c["BLOCK_K"] >= 32
-              and c["BLOCK_N"] % (16 * c["num_warps"]) == 0 and c["BLOCK_M"] <= 256]
+    # the same tensor-core tiles with the weight unpacked straight into MMA-fragment order and
+    # dequantized as packed bf16 pairs (FRAG 2; FRAG 1, the fp32 route, lost to it on H100), and
+    # capped at 72 registers (7 instead of 6 CTAs per SM for the 4-warp tiles at M <= 64)
+    frag = [dict(c, FRAG=2) for c in cands if c["algo"] == "gemm" and c["BLOCK_K"] >= 32
+            and c["BLOCK_N"] % (16 * c["num_warps"]) == 0 and c["BLOCK_M"] <= 256]
+    cands += frag + [dict(c, maxnreg=72) for c in frag
+                     if c["BLOCK_M"] <= 64 and c["BLOCK_N"] == 64 and c["num_warps"] == 4]
     if M >= 256:
         cands += [dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=c)
                   for c in (0, 2048, 4096, 8192)]

@@ -79,6 +79,10 @@ ALGOS = {
     "gemm_frag": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, FRAG=1)),
     "gemm_frag_bk32": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, FRAG=1,
                                     num_warps=2)),
+    # ... with the packed (16-bit pair) dequantization; fp32 activations fall back to FRAG 1
+    "gemm_frag_packed": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=3, FRAG=2)),
+    "gemm_frag_packed_w1": ("gemm", dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, FRAG=2,
+                                         num_warps=1)),
     "gemm_gather": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GATHER=1)),
     "dequant": ("dequant", dict(BLOCK_N=16, BLOCK_K=64)),
     "dequant_chunked": ("dequant", dict(BLOCK_N=16, BLOCK_K=64, CHUNK_N=16)),

@@ -74,14 +74,97 @@ def _frag_dequant(words, s, b, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
+def _group_affine(s_ptr, z_ptr, g, offs_n, n_mask, N, ZERO_KIND: tl.constexpr,
+                  PACKED: tl.constexpr, MAGIC: tl.constexpr):
+    """Per-row constants of group g. Unpacked: (s, b, -) with w = q*s + b (fp32). PACKED:
+    (s, z, c) with w = (v - c)*s + z for v = MAGIC + q, all exact in the activation dtype
+    (c = MAGIC + zero point, an integer; z = 0 or the float zero), so the packed path rounds once."""
+    if PACKED:
+        sc = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ZERO_KIND == 1:
+            c = MAGIC + tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+            z = tl.zeros_like(sc)
+        elif ZERO_KIND == 2:
+            c = tl.full(sc.shape, MAGIC + 8.0, tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            c = tl.full(sc.shape, MAGIC + 8.0, tl.float32)
+            z = tl.zeros_like(sc)
+        return sc, z, c
+    else:
+        sc, b = group_scale_offset(s_ptr, z_ptr, g, offs_n, n_mask, N, ZERO_KIND)
+        return sc, b, sc
+
+
+# $1/$2: the int32 (twice: pack = 2 hands each instance two elements), $3: c, $4: s, $5: z as
+# packed pairs; lop3 0xea = (a & b) | c puts both nibbles into the mantissa of MAGIC.
+_PAIR_ASM_BF16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; "
+                              "sub.rn.bf16x2 t, t, $3; fma.rn.bf16x2 $0, t, $4, $5; }")
+_PAIR_ASM_F16 = tl.constexpr("{ .reg .b32 t; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; "
+                             "sub.rn.f16x2 t, t, $3; fma.rn.f16x2 $0, t, $4, $5; }")
+
+
+@triton.jit
+def _packed_pair(sh, s, z, c, MAGIC: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """Nibbles at bits 0..3 and 16..19 of each int32 -> [.., 2] in dtype DT: (v - c)*s + z with
+    v = MAGIC + q. With USE_ASM (CUDA) one lop3 builds both v as a bf16x2/f16x2 (the code OR-ed
+    into the mantissa of MAGIC = 128 / 1024), then a packed sub and fma: 1.5 instructions per
+    weight against 3 for the fp32 route. Without it the same arithmetic in fp32 (interpreter, XPU)."""
+    if USE_ASM:
+        s2 = tl.join(s, s).to(DT)
+        z2 = tl.join(z, z).to(DT)
+        c2 = tl.join(c, c).to(DT)
+        sh2 = tl.join(sh, sh)
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(_PAIR_ASM_BF16, "=r,r,r,r,r,r", [sh2, c2, s2, z2],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(_PAIR_ASM_F16, "=r,r,r,r,r,r", [sh2, c2, s2, z2],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        lo = codes_to_float(sh & 0xF) + MAGIC
+        hi = codes_to_float((sh >> 16) & 0xF) + MAGIC
+        return tl.join((lo - c) * s + z, (hi - c) * s + z).to(DT)
+
+
+@triton.jit
+def _frag_order_packed(x, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[R, BLOCK_K] in k order -> fragment order k' (see _frag_dequant_packed)."""
+    I: tl.constexpr = BLOCK_K // 32
+    x6 = tl.reshape(x, [R, 4, I, 2, 2, 2])  # k = 8I t + 8 i + 4 e0 + 2 h + e1
+    x6 = tl.permute(x6, [0, 2, 4, 5, 1, 3])  # -> [R, i, h, e1, t, e0]
+    return tl.reshape(x6, [R, BLOCK_K])
+
+
+@triton.jit
+def _frag_dequant_packed(words, s, z, c, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         MAGIC: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """As _frag_dequant, but nibbles j and j + 4 of a word form the packed pair (e0 = j // 4,
+    2 h + e1 = j % 4: channel k = 8I t + 8 i + 4 e0 + 2 h + e1), so one shift serves two
+    weights and the pair lands in one register, already in the MMA operand dtype."""
+    I: tl.constexpr = BLOCK_K // 32
+    w3 = tl.reshape(words, [BLOCK_N, 4, I])
+    s3 = tl.broadcast_to(s[:, None, None], [BLOCK_N, 4, I])
+    z3 = tl.broadcast_to(z[:, None, None], [BLOCK_N, 4, I])
+    c3 = tl.broadcast_to(c[:, None, None], [BLOCK_N, 4, I])
+    p0 = _packed_pair(w3, s3, z3, c3, MAGIC, DT, USE_ASM)  # [BN, t, i, e0]
+    p1 = _packed_pair(w3 >> 4, s3, z3, c3, MAGIC, DT, USE_ASM)
+    p2 = _packed_pair(w3 >> 8, s3, z3, c3, MAGIC, DT, USE_ASM)
+    p3 = _packed_pair(w3 >> 12, s3, z3, c3, MAGIC, DT, USE_ASM)
+    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [BN, t, i, e0, e1, h]
+    q = tl.permute(q, [0, 2, 5, 4, 1, 3])  # [BN, i, h, e1, t, e0]
+    return tl.reshape(q, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
                      stride_xm, stride_ym, stride_qn, one_bits,
                      ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
-                     K_FASTEST: tl.constexpr, FRAG: tl.constexpr = False,
-                     NUM_WARPS: tl.constexpr = 4):
+                     K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
+                     NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False):
     pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,21 +184,31 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     qw_rows = qw_ptr + offs_nl[:, None].to(tl.int64) * stride_qn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s, b = group_scale_offset(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
-                              offs_nl, nl_mask, N, ZERO_KIND)
+    PACKED: tl.constexpr = FRAG == 2
+    MAGIC: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
+    s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
+                            offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xk = k0 + offs_k
         k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
         # next tile's group scale/offset issued first (small loads the compiler does not
         # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
-        ns, nb = group_scale_offset(s_ptr, z_ptr,
-                                    group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
-                                    offs_nl, nl_mask, N, ZERO_KIND)
+        ns, nb, nc = _group_affine(s_ptr, z_ptr,
+                                   group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
+                                   offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        if FRAG:
+        if PACKED:
+            x = _frag_order_packed(x, BLOCK_M, BLOCK_K)
+        elif FRAG:
             x = _frag_order(x, BLOCK_M, BLOCK_K)
         xt = tl.trans(x)
-        if FRAG:
+        if PACKED:
+            wk = k0 // 8 + offs_w
+            w_ok = (wk < K // 8) | EVEN_K
+            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
+            w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype, USE_ASM)
+            w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
+        elif FRAG:
             wk = k0 // 8 + offs_w
             w_ok = (wk < K // 8) | EVEN_K
             words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
@@ -132,7 +225,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
             words = tl.load(qw_rows + wk[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0)
             v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
             w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
-        s, b = ns, nb
+        s, b, c = ns, nb, nc
         if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -155,14 +248,22 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=False,
+              K_FASTEST=False, FRAG=0,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
     N = qweight.shape[0]
     # FRAG is a speed option: tiles it cannot lay out (K tiles of 16 for group 16/48, N tiles
     # smaller than 16 rows per warp) take the interleaving unpack, with the same result
-    FRAG = bool(FRAG) and BLOCK_K % 32 == 0 and BLOCK_N % (16 * num_warps) == 0
+    # FRAG 2 (packed bf16x2/f16x2 dequantization) needs 16-bit activations and scales of the
+    # same dtype (the scale is used in that dtype); otherwise FRAG 1
+    FRAG = int(FRAG) if BLOCK_K % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
+    if FRAG == 2 and (x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype
+                      or (zero_kind == 2 and zeros.dtype != x.dtype)):
+        FRAG = 1
+    use_asm = FRAG == 2 and x.is_cuda and torch.version.hip is None and not interpreting()
+    if FRAG == 2 and not use_asm and not interpreting():
+        FRAG = 1  # no packed instructions here (XPU, ROCm): FRAG 1's fp32 route is cheaper
     grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M),
                                           SPLIT_K, SERIAL, K_FASTEST)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
@@ -174,7 +275,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            SPLIT_K=SPLIT_K, GROUP_SHIFT=group_shift(group, K), BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
-                           SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=bool(FRAG),
+                           SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
