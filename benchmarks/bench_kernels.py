@@ -230,6 +230,9 @@ def tune_candidates(M):
             for ns in (3, 4):
                 cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1,
                                   num_warps=8, num_stages=ns))
+        # K tiles of 128 (the fragment layout's natural tile) for the FRAG variants below
+        cands += [dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, num_warps=8,
+                       num_stages=3) for bm, bn in ((128, 128), (128, 256), (256, 128))]
     # the same tensor-core tiles with the weight unpacked straight into MMA-fragment order and
     # dequantized as packed bf16 pairs (FRAG 2; FRAG 1, the fp32 route, lost to it on H100), and
     # capped at 72 registers (7 instead of 6 CTAs per SM for the 4-warp tiles at M <= 64)
