@@ -109,6 +109,18 @@ def test_custom_op_traces_under_torch_compile():
     assert torch.allclose(f(x), torch.relu(lin(x)) * 2)
 
 
+def test_custom_op_passes_opcheck():
+    """The dispatcher-registered op: schema, fake tensor, autograd registration and AOT dispatch
+    agree with the real kernel (torch.library.opcheck)."""
+    import vllm_int4xpu.kernels.ops  # noqa: F401  (registers torch.ops.int4xpu.linear)
+    w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
+    lin = Int4Linear(w, torch.float32, "cpu", backend="cpu")
+    for x, bias in ((torch.randn(3, 128), None), (torch.randn(2, 5, 128), torch.randn(64))):
+        res = torch.library.opcheck(torch.ops.int4xpu.linear.default,
+                                    (x, list(lin.tensors), bias, lin.backend, lin.spec.key()))
+        assert set(res.values()) == {"SUCCESS"}, res
+
+
 def test_selector_sends_uneven_act_order_shards_to_reference(monkeypatch, caplog):
     """A row-parallel shard of an act-order layer (groups no permutation makes contiguous) is
     refused by every permuting backend, with the reason, and runs exactly on 'reference'."""

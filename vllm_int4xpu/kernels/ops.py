@@ -20,9 +20,8 @@ def _kernel(backend: str, spec_key: str) -> Int4Kernel:
     return load_backend(backend)(Int4LinearSpec.from_key(spec_key))
 
 
-@torch.library.custom_op("int4xpu::linear", mutates_args=())
-def int4_linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: Optional[torch.Tensor],
-                   backend: str, spec_key: str) -> torch.Tensor:
+def _linear_impl(x: torch.Tensor, tensors: list[torch.Tensor], bias: Optional[torch.Tensor],
+                 backend: str, spec_key: str) -> torch.Tensor:
     kernel = _kernel(backend, spec_key)
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
@@ -31,10 +30,19 @@ def int4_linear_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: Optional[
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@int4_linear_op.register_fake
-def _(x, tensors, bias, backend, spec_key):
+def _linear_fake(x, tensors, bias, backend, spec_key):
     n = Int4LinearSpec.from_key(spec_key).out_features
     return x.new_empty((*x.shape[:-1], n))
+
+
+# Registered through the dispatcher directly (schema + one CompositeExplicitAutograd kernel + a
+# fake), as vLLM registers its own ops: ``torch.library.custom_op`` wraps every eager call in
+# Python-level autograd, device dispatch and aliasing checks, which measured ~175 µs per call on
+# an H100 host (benchmarks/eager_overhead.py), several times the kernel itself at decode sizes.
+_LIB = torch.library.Library("int4xpu", "FRAGMENT")  # noqa: TOR901 (inference only, no autograd)
+_LIB.define("linear(Tensor x, Tensor[] tensors, Tensor? bias, str backend, str spec_key) -> Tensor")
+_LIB.impl("linear", _linear_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("int4xpu::linear", _linear_fake, lib=_LIB)
 
 
 def int4_linear(x: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str,

@@ -11,6 +11,7 @@ A K tile never straddles two groups: the launcher picks BLOCK_K dividing the gro
 weight is per-channel (GROUP == K, so every tile is in group 0).
 """
 
+import functools
 import os
 
 import triton
@@ -24,8 +25,12 @@ _MAGIC_BITS = tl.constexpr(0x4B000000)
 _MAGIC = tl.constexpr(8388608.0)
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU emulation, whose bf16 tl.dot is wrong: dot in fp32)."""
+    """True under TRITON_INTERPRET=1 (CPU emulation, whose bf16 tl.dot is wrong: dot in fp32).
+
+    Read once per process (Triton itself fixes the mode when the kernels are defined), so eager
+    launches do not pay an environment lookup each."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
