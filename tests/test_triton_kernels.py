@@ -232,6 +232,27 @@ def test_dispatch_rule_and_block_k_clipping():
     assert tb.m_bucket(3, [1, 4, 16]) == 4 and tb.m_bucket(99, [1, 4, 16]) == 16
 
 
+def test_explicit_algorithm_takes_exactly_the_given_config(monkeypatch):
+    """With ``algo`` the launch gets only the given parameters: a tested or tuned config must
+    not silently inherit options (FRAG, K_FASTEST, maxnreg, ...) from the table's row."""
+    algo, row = tb.choose_config("cuda_h100", 5, 512, 40, 64)
+    assert algo == "gemm" and row.get("FRAG") == 2  # the row a plain gemm test falls into
+    seen = {}
+
+    def record(x, qweight, scales, zeros, code, group, bias, out, **cfg):
+        seen.update(cfg)
+        return out
+
+    monkeypatch.setitem(tb.tk.ALGORITHMS, "gemm", record)
+    w = make_weight(40, 512, 64, ZeroKind.INT, torch.bfloat16)
+    x = torch.randn(5, 512, dtype=torch.bfloat16)
+    run(w, x, algo="gemm", BLOCK_M=16, BLOCK_N=32)
+    assert seen == {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
+    seen.clear()
+    run(w, x, family="cuda_h100", BLOCK_N=32)  # table row + override
+    assert seen["FRAG"] == 2 and seen["BLOCK_N"] == 32
+
+
 def _spec(**kw):
     base = dict(in_features=4096, out_features=4096, group_size=128, zero_kind=ZeroKind.INT,
                 has_g_idx=False, act_dtype=torch.bfloat16, device_type="cuda")

@@ -128,16 +128,18 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 algo: Optional[str] = None, **override) -> torch.Tensor:
     """y = x @ W^T (+ bias) for a 2-D contiguous x [M, K] on the canonical (grouped) weight.
 
-    ``algo``/``override`` bypass the table (tests and tuning); otherwise :func:`choose_config`.
+    ``algo`` bypasses the table (tests and tuning): the launch then takes exactly ``override``
+    (nothing is inherited from the table's row, so a measured or tested config is the one that
+    runs); without ``algo``, :func:`choose_config`'s row updated by ``override``.
     """
     M, K = x.shape
     N = qweight.shape[0]
-    fam = family or device_family(x.device)
-    chosen, cfg = choose_config(fam, M, K, N, group)
-    cfg = {} if (algo is not None and algo != chosen) else dict(cfg)  # never mutate the cache
-    cfg.update(override)
+    if algo is None:
+        algo, cfg = choose_config(family or device_family(x.device), M, K, N, group)
+        cfg = dict(cfg, **override)  # never mutate the cache
+    else:
+        cfg = dict(override)
     cfg["BLOCK_K"] = fit_block_k(cfg.get("BLOCK_K", 128), group, K)  # launcher defaults too
-    algo = algo or chosen
     z = zeros if (zero_kind != ZeroKind.NONE and zeros is not None) else scales
     code = _ZERO_CODE[ZeroKind(zero_kind)]
     if algo == "dequant":
