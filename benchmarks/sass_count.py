@@ -7,7 +7,7 @@ loop predict its speed.
 
     python benchmarks/sass_count.py gemv --block-n 128 --block-k 128 --num-warps 4 --m 1
     python benchmarks/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
-    python benchmarks/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128
+    python benchmarks/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128 --frag 2
 
 Prints the loop body's instruction histogram and instructions per weight per thread.
 Use the Triton version of the target machine for numbers that match it (e.g. PYTHONPATH to a
@@ -98,6 +98,9 @@ def main():
     ap.add_argument("--stages", type=int, default=1,
                     help="gemv: 1 = register double buffering, >= 2 = the compiler's pipeline")
     ap.add_argument("--rows", type=int, default=1, help="gemv: rows of x per program (1, 2, 4)")
+    ap.add_argument("--frag", type=int, default=0, choices=(0, 1, 2),
+                    help="gemm: 0 = interleaving unpack + shared-memory move, 1 = fragment order, "
+                         "2 = fragment order with packed bf16 pairs (inline PTX)")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
@@ -113,8 +116,8 @@ def main():
         weights = a.block_n * a.block_k
     else:
         fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
-                                              K_FASTEST=False,
-                                              IEEE=False)
+                                              K_FASTEST=False, IEEE=False, FRAG=a.frag,
+                                              NUM_WARPS=a.num_warps, USE_ASM=a.frag == 2)
         weights = a.block_n * a.block_k
     ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)
     hist = loop_histogram(ck.asm["sass"])
