@@ -39,12 +39,16 @@ def _frag_rows_back(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.const
 
 
 @triton.jit
-def _frag_order(x, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[R, BLOCK_K] in k order -> the kernel's fragment order k' (see _frag_dequant)."""
+def _frag_order(x, R: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+    """[R, BLOCK_K] in k order -> the kernel's fragment order k' = 32 i + 16 h + 8 e1 + 2 t + e0
+    (see _frag_dequant; PACKED: the pair order of _frag_dequant_packed)."""
     I: tl.constexpr = BLOCK_K // 32
-    x6 = tl.reshape(x, [R, 4, I, 2, 2, 2])  # k = 8I t + 8 i + 4 h + 2 e1 + e0
-    x6 = tl.permute(x6, [0, 2, 3, 4, 1, 5])  # -> [R, i, h, e1, t, e0]
-    return tl.reshape(x6, [R, BLOCK_K])
+    x6 = tl.reshape(x, [R, 4, I, 2, 2, 2])
+    if PACKED:  # k = 8I t + 8 i + 4 e0 + 2 h + e1
+        x6 = tl.permute(x6, [0, 2, 4, 5, 1, 3])
+    else:  # k = 8I t + 8 i + 4 h + 2 e1 + e0
+        x6 = tl.permute(x6, [0, 2, 3, 4, 1, 5])
+    return tl.reshape(x6, [R, BLOCK_K])  # [R, i, h, e1, t, e0]
 
 
 @triton.jit
@@ -128,15 +132,6 @@ def _packed_pair(sh, s, z, c, MAGIC: tl.constexpr, DT: tl.constexpr, USE_ASM: tl
 
 
 @triton.jit
-def _frag_order_packed(x, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[R, BLOCK_K] in k order -> fragment order k' (see _frag_dequant_packed)."""
-    I: tl.constexpr = BLOCK_K // 32
-    x6 = tl.reshape(x, [R, 4, I, 2, 2, 2])  # k = 8I t + 8 i + 4 e0 + 2 h + e1
-    x6 = tl.permute(x6, [0, 2, 4, 5, 1, 3])  # -> [R, i, h, e1, t, e0]
-    return tl.reshape(x6, [R, BLOCK_K])
-
-
-@triton.jit
 def _frag_dequant_packed(words, s, z, c, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          MAGIC: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr):
     """As _frag_dequant, but nibbles j and j + 4 of a word form the packed pair (e0 = j // 4,
@@ -197,10 +192,8 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                                    group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
                                    offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        if PACKED:
-            x = _frag_order_packed(x, BLOCK_M, BLOCK_K)
-        elif FRAG:
-            x = _frag_order(x, BLOCK_M, BLOCK_K)
+        if FRAG:
+            x = _frag_order(x, BLOCK_M, BLOCK_K, PACKED)
         xt = tl.trans(x)
         if PACKED:
             wk = k0 // 8 + offs_w
