@@ -1,11 +1,20 @@
 """Tensor-core path: tiled tl.dot GEMM with the weight dequantized in registers, optional split-K.
 
 Computed transposed, y^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]: the dequantized weight is the
-*left* operand, which tensor cores (wgmma on Hopper, DPAS on Intel) can read from registers
-(checked in the sm_90 TTGIR: no shared-memory copy of the bf16 weight tile), and small M only pads
-the narrow side of the MMA. The group scale/offset are fp32 vectors loaded once per K tile (a
-tile never straddles groups), one tile ahead. Split-K partials are reduced by the last split to
-finish (``splitk_serial_reduce``) or, with SERIAL=False, by a second small kernel.
+*left* operand, which tensor cores (wgmma on Hopper, DPAS on Intel) can read from registers, and
+small M only pads the narrow side of the MMA. How the weight tile gets into the operand layout:
+
+* FRAG 0: unpacked in k order by interleaves, then converted to the operand layout by the compiler
+  (on sm_90 a register -> shared -> ldmatrix round trip); any tile, any device.
+* FRAG 1: both operands take one permuted k order (a dot product may sum in any order), chosen so
+  that each thread's own 16-byte weight load holds the nibbles its MMA fragment needs; the
+  conversion is then a register renaming (sm_90 TTGIR: no shared-memory copy of the weight).
+* FRAG 2: as FRAG 1, with nibbles j and j + 4 of a word dequantized as one packed bf16x2/f16x2
+  (inline PTX on CUDA; the same arithmetic in fp32 under the interpreter; FRAG 1 elsewhere).
+
+The group scale/offset are loaded once per K tile (a tile never straddles groups), one tile
+ahead. Split-K partials are reduced by the last split to finish (``splitk_serial_reduce``) or,
+with SERIAL=False, by a second small kernel.
 """
 
 import torch
@@ -13,9 +22,8 @@ import triton
 import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
-                     nibble_pair_as_float,
-                     interpreting, splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters,
-                     tile_ids, unpack_along_k)
+                     interpreting, nibble_pair_as_float, splitk_grid, splitk_reduce,
+                     splitk_serial_reduce, tile_counters, tile_ids, unpack_along_k)
 
 
 @triton.jit
@@ -195,17 +203,15 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         if FRAG:
             x = _frag_order(x, BLOCK_M, BLOCK_K, PACKED)
         xt = tl.trans(x)
-        if PACKED:
+        if FRAG:  # the weight tile straight into the MMA-fragment order (module docstring)
             wk = k0 // 8 + offs_w
             w_ok = (wk < K // 8) | EVEN_K
             words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
-            w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype, USE_ASM)
-            w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
-        elif FRAG:
-            wk = k0 // 8 + offs_w
-            w_ok = (wk < K // 8) | EVEN_K
-            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
-            w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
+            if PACKED:
+                w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype,
+                                         USE_ASM)
+            else:
+                w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
             w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
         elif GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
             words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
