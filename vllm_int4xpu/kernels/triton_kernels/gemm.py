@@ -60,6 +60,15 @@ def _frag_order(x, R: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr)
 
 
 @triton.jit
+def _pairs_to_fragment_order(p0, p1, p2, p3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Four [BN, t, i, e0] pair tensors (p = 2 h + e1) -> [BN, BK] in fragment order
+    k' = 32 i + 16 h + 8 e1 + 2 t + e0 (joins keep every element in the thread that loaded it)."""
+    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [BN, t, i, e0, e1, h]
+    q = tl.permute(q, [0, 2, 5, 4, 1, 3])  # [BN, i, h, e1, t, e0]
+    return tl.reshape(q, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
 def _frag_dequant(words, s, b, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """words [BN, BK/8] (k order) -> fp32 [BN, BK] in fragment order k' = 32 i + 16 h + 8 e1 +
     2 t + e0 for the channel k = 8I t + 8 i + 4 h + 2 e1 + e0: thread t of an MMA quad owns
@@ -80,9 +89,7 @@ def _frag_dequant(words, s, b, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
     p1 = tl.join(lo1 * s256 + b256, hi1 * s16 + b16)
     p2 = tl.join(lo2 * s256 + b256, hi2 * s16 + b16)
     p3 = tl.join(lo3 * s256 + b256, hi3 * s16 + b16)
-    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [BN, t, i, e0, e1, h]
-    q = tl.permute(q, [0, 2, 5, 4, 1, 3])  # [BN, i, h, e1, t, e0]
-    return tl.reshape(q, [BLOCK_N, BLOCK_K])
+    return _pairs_to_fragment_order(p0, p1, p2, p3, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -154,9 +161,7 @@ def _frag_dequant_packed(words, s, z, c, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
     p1 = _packed_pair(w3 >> 4, s3, z3, c3, MAGIC, DT, USE_ASM)
     p2 = _packed_pair(w3 >> 8, s3, z3, c3, MAGIC, DT, USE_ASM)
     p3 = _packed_pair(w3 >> 12, s3, z3, c3, MAGIC, DT, USE_ASM)
-    q = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [BN, t, i, e0, e1, h]
-    q = tl.permute(q, [0, 2, 5, 4, 1, 3])  # [BN, i, h, e1, t, e0]
-    return tl.reshape(q, [BLOCK_N, BLOCK_K])
+    return _pairs_to_fragment_order(p0, p1, p2, p3, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -203,27 +208,25 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         if FRAG:
             x = _frag_order(x, BLOCK_M, BLOCK_K, PACKED)
         xt = tl.trans(x)
-        if FRAG:  # the weight tile straight into the MMA-fragment order (module docstring)
-            wk = k0 // 8 + offs_w
-            w_ok = (wk < K // 8) | EVEN_K
-            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
-            if PACKED:
-                w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype,
-                                         USE_ASM)
-            else:
-                w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
-            w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
-        elif GATHER:  # each k loads its own word: 8x redundant L1 hits, but no interleaving
+        if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits, no interleave
             words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
                             other=0)
             q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
             w = (q * s[:, None] + b[:, None]).to(xt.dtype)
-        else:  # one 16-byte load per 4 words, nibbles peeled in registers
+        else:  # one 16-byte load per 4 words (rows in load order with FRAG, see _frag_rows)
             wk = k0 // 8 + offs_w
             w_ok = (wk < K // 8) | EVEN_K
-            words = tl.load(qw_rows + wk[None, :], mask=n_mask[:, None] & w_ok[None, :], other=0)
-            v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
-            w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
+            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
+            if FRAG:  # straight into the MMA-fragment order (module docstring)
+                if PACKED:
+                    w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype,
+                                             USE_ASM)
+                else:
+                    w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
+                w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
+            else:  # nibbles peeled in registers into k order
+                v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
+                w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
         s, b, c = ns, nb, nc
         if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
             acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
