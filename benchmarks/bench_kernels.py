@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_int4xpu.kernels.triton_backend import (choose_config, device_family,  # noqa: E402
@@ -104,6 +106,36 @@ def gemlite_linear(w):
         W_nbits=4, group_size=GROUP)
 
 
+@triton.jit
+def read_kernel(p, out, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Sum of n int32 (only to keep the loads): the read-only anchor."""
+    base = tl.program_id(0) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(p + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+    tl.store(out + tl.program_id(0), tl.sum(acc))
+
+
+def read_anchor_us(nbytes, copies):
+    """Best time of one Triton kernel that only reads ``nbytes`` (16-byte loads, summed), over
+    ``copies`` distinct buffers in one graph: what any kernel moving those bytes can reach here
+    (launch, ramp-up and tail included), against which the byte floor can be put in context."""
+    n = nbytes // 4
+    bufs = [torch.randint(0, 1 << 30, (n,), dtype=torch.int32, device="cuda")
+            for _ in range(copies)]
+    out = torch.empty(n // 256 + 1, dtype=torch.int32, device="cuda")
+    best = float("inf")
+    for block, iters, nw in ((1024, 1, 4), (1024, 4, 4), (2048, 4, 8), (1024, 16, 4),
+                             (4096, 2, 8)):
+        grid = (triton.cdiv(n, block * iters),)
+        best = min(best, time_graph([lambda b=b: read_kernel[grid](b, out, n, BLOCK=block,
+                                                                    ITERS=iters, num_warps=nw)
+                                     for b in bufs]))
+    del bufs
+    return best
+
+
 def have_gemlite():
     try:
         import gemlite  # noqa: F401
@@ -140,6 +172,10 @@ def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
         except Exception as e:  # noqa: BLE001
             print(f"# GemLite pack failed: {type(e).__name__}: {e}")
     fam = device_family(torch.device("cuda"))
+    read_us = read_anchor_us(int4_bytes, copies)
+    print(f"# {K}x{N}: reading the same {int4_bytes / 1e6:.1f} MB in one Triton kernel "
+          f"(nothing else) takes {read_us:.2f} us = {100 * int4_bytes / bw * 1e6 / read_us:.0f}% "
+          "of the byte floor", flush=True)
     for M in ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -163,7 +199,8 @@ def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
         nbytes = int4_bytes + 2 * M * K + 2 * M * N
         floor = max(nbytes / bw, 2 * M * N * K / peak) * 1e6
         algo, cfg = choose_config(fam, M, K, N, GROUP)
-        rows.append(dict(K=K, N=N, M=M, floor_us=floor, algo=algo, err_ours=e_ours,
+        rows.append(dict(K=K, N=N, M=M, floor_us=floor, read_us=read_us, algo=algo,
+                         err_ours=e_ours,
                          err_tinygemm=e_tg, err_gemlite=e_gl,
                          **{f"{k}_us": v for k, v in res.items()}))
         r = rows[-1]
@@ -301,6 +338,8 @@ def main():
     ap.add_argument("--shapes", default=None, help="e.g. 4096x6144,14336x4096")
     ap.add_argument("--ms", default=None, help="e.g. 1,16,64")
     ap.add_argument("--json", default=None, help="also write rows as JSON here")
+    ap.add_argument("--read-anchor", action="store_true",
+                    help="only time the read-only anchor per shape (see read_anchor_us)")
     a = ap.parse_args()
     shapes = QUICK_SHAPES if a.quick else SHAPES
     ms = QUICK_MS if a.quick else MS
@@ -311,6 +350,14 @@ def main():
     if a.tune:
         tune(a.tune, shapes if a.shapes else TUNE_SHAPES, ms if a.ms else TUNE_MS, a.tune_budget,
              a.tune_algos.split(",") if a.tune_algos else None)
+        return
+    if a.read_anchor:
+        bw, _ = measure_floors()
+        for K, N in shapes:
+            nbytes = N * K // 2 + 2 * (K // GROUP) * N * 2
+            t = read_anchor_us(nbytes, max(2, min(48, math.ceil(L2_DEFEAT_BYTES / nbytes))))
+            print(f"read-only {K}x{N}: {nbytes / 1e6:.1f} MB in {t:.2f} us = "
+                  f"{100 * nbytes / bw * 1e6 / t:.0f}% of the byte floor ({bw / 1e9:.0f} GB/s)")
         return
     fam = device_family(torch.device("cuda"))
     print(f"# device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "

@@ -181,6 +181,18 @@ def splitk_serial_reduce(acc, ws_ptrs, split_stride, mask, cnt_ptr, pid_k,
     return total, count
 
 
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device) -> int:
+    """Streaming multiprocessors (CUDA) / Xe cores (XPU) of ``device``, for persistent grids."""
+    import torch
+    device = torch.device(device)
+    props = getattr(torch, device.type).get_device_properties(device)
+    for name in ("multi_processor_count", "gpu_subslice_count", "max_compute_units"):
+        if getattr(props, name, 0):
+            return int(getattr(props, name))
+    return 1
+
+
 _COUNTERS: dict = {}
 MAX_TILES = 1 << 16
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
-                     interpreting, nibble_pair_as_float, splitk_grid, splitk_reduce,
+                     interpreting, multiprocessors, nibble_pair_as_float, splitk_grid, splitk_reduce,
                      splitk_serial_reduce, tile_counters, tile_ids, unpack_along_k)
 
 
@@ -165,15 +165,60 @@ def _frag_dequant_packed(words, s, z, c, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
-                     stride_xm, stride_ym, stride_qn, one_bits,
-                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                     SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
-                     K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
-                     NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False):
-    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
+def _dot(acc, w, xt, IEEE: tl.constexpr):
+    if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, FRAG: tl.constexpr, NUM_WARPS: tl.constexpr,
+              USE_ASM: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr):
+    """acc += dequant(words)[BN, BK] @ x[BM, BK]^T for one K tile (words in load order)."""
+    PACKED: tl.constexpr = FRAG == 2
+    if FRAG:  # both operands in the MMA-fragment k order (module docstring)
+        xt = tl.trans(_frag_order(x, BLOCK_M, BLOCK_K, PACKED))
+        if PACKED:
+            w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype, USE_ASM)
+        else:
+            w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
+        w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
+    else:  # nibbles peeled in registers into k order
+        xt = tl.trans(x)
+        v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
+        w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
+    return _dot(acc, w, xt, IEEE)
+
+
+@triton.jit
+def _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k0, K, N, GROUP, offs_nl, nl_mask, m_mask, offs_k,
+               offs_w, BLOCK_K: tl.constexpr, ZERO_KIND: tl.constexpr, EVEN_K: tl.constexpr,
+               GROUP_SHIFT: tl.constexpr, PACKED: tl.constexpr, MAGIC: tl.constexpr):
+    """Words [BN, BK/8], x [BM, BK] and the group constants of the K tile at k0."""
+    if EVEN_K:
+        k0 = tl.multiple_of(k0, BLOCK_K)
+    xk = k0 + offs_k
+    k_ok = (xk < K) | EVEN_K
+    x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+    wk = k0 // 8 + offs_w
+    w_ok = (wk < K // 8) | EVEN_K
+    words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0,
+                    eviction_policy="evict_first")
+    s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k0, K - 1), GROUP, GROUP_SHIFT),
+                            offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+    return words, x, s, b, c
+
+
+@triton.jit
+def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr,
+               cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
+               ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+               SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr, FRAG: tl.constexpr,
+               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+    """Output tile (pid_n, pid_m), K split pid_k: the K loop and the epilogue."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -194,44 +239,52 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     PACKED: tl.constexpr = FRAG == 2
     MAGIC: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
-    s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
-                            offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        xk = k0 + offs_k
-        k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
-        # next tile's group scale/offset issued first (small loads the compiler does not
-        # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
-        ns, nb, nc = _group_affine(s_ptr, z_ptr,
-                                   group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
-                                   offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-        x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        if FRAG:
-            x = _frag_order(x, BLOCK_M, BLOCK_K, PACKED)
-        xt = tl.trans(x)
-        if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits, no interleave
-            words = tl.load(qw_rows + (xk // 8)[None, :], mask=n_mask[:, None] & k_ok[None, :],
-                            other=0)
-            q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
-            w = (q * s[:, None] + b[:, None]).to(xt.dtype)
-        else:  # one 16-byte load per 4 words (rows in load order with FRAG, see _frag_rows)
-            wk = k0 // 8 + offs_w
-            w_ok = (wk < K // 8) | EVEN_K
-            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0)
-            if FRAG:  # straight into the MMA-fragment order (module docstring)
-                if PACKED:
-                    w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype,
-                                             USE_ASM)
-                else:
-                    w = _frag_dequant(words, s, b, one_bits, BLOCK_N, BLOCK_K).to(xt.dtype)
-                w = _frag_rows_back(w, BLOCK_N, BLOCK_K, NUM_WARPS)
-            else:  # nibbles peeled in registers into k order
-                v = unpack_along_k(words, one_bits)  # 1 + q/16, so w = v * 16 s + (b - 16 s)
-                w = (v * (16.0 * s)[:, None] + (b - 16.0 * s)[:, None]).to(xt.dtype)
-        s, b, c = ns, nb, nc
-        if IEEE:  # fp32 activations; also the interpreter, whose bf16 dot is wrong
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
+    if PREFETCH:
+        # Hand-rolled double buffering in registers (num_stages 1): the words, x tile and group
+        # constants of tile i + 1 are loaded before tile i is dequantized and multiplied, so the
+        # weight goes global -> registers once (no cp.async -> shared -> LDS round trip).
+        # With EVEN_K every load start is clamped to the last tile (no masks, no overrun).
+        k_cur = tl.minimum(k_lo, K - BLOCK_K) if EVEN_K else k_lo
+        words, x, s, b, c = _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k_cur, K, N, GROUP,
+                                       offs_nl, nl_mask, m_mask, offs_k, offs_w, BLOCK_K,
+                                       ZERO_KIND, EVEN_K, GROUP_SHIFT, PACKED, MAGIC)
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1):
+            k_nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) if EVEN_K else k0 + BLOCK_K
+            nwords, nx, ns, nb, nc = _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k_nxt, K, N,
+                                                GROUP, offs_nl, nl_mask, m_mask, offs_k, offs_w,
+                                                BLOCK_K, ZERO_KIND, EVEN_K, GROUP_SHIFT, PACKED,
+                                                MAGIC)
+            acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M, FRAG,
+                            NUM_WARPS, USE_ASM, IEEE, MAGIC)
+            words, x, s, b, c = nwords, nx, ns, nb, nc
+    else:
+        s, b, c = _group_affine(s_ptr, z_ptr,
+                                group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
+                                offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            xk = k0 + offs_k
+            k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
+            # next tile's group scale/offset issued first (small loads the compiler does not
+            # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
+            ns, nb, nc = _group_affine(s_ptr, z_ptr,
+                                       group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP,
+                                                GROUP_SHIFT),
+                                       offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+            x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits
+                words = tl.load(qw_rows + (xk // 8)[None, :],
+                                mask=n_mask[:, None] & k_ok[None, :], other=0)
+                q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
+                w = (q * s[:, None] + b[:, None]).to(x.dtype)
+                acc = _dot(acc, w, tl.trans(x), IEEE)
+            else:  # one 16-byte load per 4 words (rows in load order with FRAG, _frag_rows)
+                wk = k0 // 8 + offs_w
+                w_ok = (wk < K // 8) | EVEN_K
+                words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :],
+                                other=0)
+                acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M,
+                                FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
+            s, b, c = ns, nb, nc
     y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
     ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
@@ -248,9 +301,42 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + ws_offs, acc, mask=mask)
 
 
+@triton.jit
+def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
+                     stride_xm, stride_ym, stride_qn, one_bits,
+                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                     SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
+                     K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
+                     NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False,
+                     PREFETCH: tl.constexpr = 0, PERSIST: tl.constexpr = 0,
+                     FLATTEN: tl.constexpr = False):
+    if PERSIST:
+        # a fixed grid of programs walks the tiles (split index fastest, like K_FASTEST): no
+        # per-program launch and ramp-up, and with FLATTEN the compiler's pipeline runs on
+        # across tile boundaries
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        total = n_tiles * tl.cdiv(M, BLOCK_M) * SPLIT_K
+        for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
+            pid_k = t % SPLIT_K
+            pid_n = (t // SPLIT_K) % n_tiles
+            pid_m = t // (SPLIT_K * n_tiles)
+            _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                       ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn,
+                       one_bits, ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER,
+                       EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, PREFETCH)
+    else:
+        pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
+        _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+                   ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
+                   ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER, EVEN_K, IEEE,
+                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, PREFETCH)
+
+
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=0,
+              K_FASTEST=False, FRAG=0, PREFETCH=0, PERSIST=0, FLATTEN=False,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
@@ -268,6 +354,11 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
         FRAG = 1  # no packed instructions here (XPU, ROCm): FRAG 1's fp32 route is cheaper
     grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M),
                                           SPLIT_K, SERIAL, K_FASTEST)
+    if PERSIST and not interpreting():  # PERSIST programs per SM walk all tiles
+        tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M) * SPLIT_K
+        grid = (min(tiles, int(PERSIST) * multiprocessors(x.device)),)
+    elif PERSIST:  # the interpreter runs programs one by one: 3 programs still share tiles
+        grid = (3,)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
@@ -278,6 +369,8 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
+                           PREFETCH=int(PREFETCH) if not GATHER else 0,
+                           PERSIST=int(bool(PERSIST)), FLATTEN=bool(FLATTEN),
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:

@@ -1,0 +1,65 @@
+"""Time the dispatcher's row against variants of it, in one run (GPU).
+
+    python3 benchmarks/sweep_overrides.py --ms 2,16,64 \
+        --variants '{"PREFETCH": 1}' '{"PREFETCH": 1, "BLOCK_N": 128}'
+
+For every shape and M, the tuned (algorithm, config) is timed as is and with each variant's keys
+replacing its own (CUDA-graph replays over >= 256 MB of weight copies, as bench_kernels.py); a
+variant that fails to compile or launch is reported and skipped. The last line per shape and M
+names the fastest.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kernels import GROUP, L2_DEFEAT_BYTES, SHAPES, make_weights, time_graph  # noqa: E402
+from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--variants", nargs="+", required=True, help="JSON dicts of overrides")
+    ap.add_argument("--ms", default="2,16,64")
+    ap.add_argument("--shapes", default=None, help="KxN,... (default: the benchmark's four)")
+    a = ap.parse_args()
+    variants = [json.loads(v) for v in a.variants]
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes
+              else SHAPES)
+    fam = device_family(torch.device("cuda"))
+    print(f"# {torch.cuda.get_device_name()}  µs (ratio to the tuned row)")
+    for K, N in shapes:
+        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / (N * K // 2))))
+        ws = make_weights(K, N, copies)
+        for M in (int(m) for m in a.ms.split(",")):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            algo, cfg = choose_config(fam, M, K, N, GROUP)
+            results = []
+            for v in [{}] + variants:
+                kw = dict(cfg, **v)
+                try:
+                    t = time_graph([lambda w=w: int4_matmul(
+                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=algo, **kw)
+                        for w in ws])
+                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory / registers)
+                    print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    continue
+                results.append((t, v))
+                base = results[0][0]
+                print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / base:.2f})  {v or cfg}",
+                      flush=True)
+            t, v = min(results, key=lambda r: r[0])
+            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {dict(cfg, **v)}",
+                  flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
