@@ -281,6 +281,11 @@ def tune_candidates(M):
     # 8192x57344 at M <= 16 with FRAG 2, neutral on the other shapes; ab_k_fastest_frag2.txt)
     cands += frag + capped + [dict(c, K_FASTEST=1) for c in frag + capped
                               if c["SPLIT_K"] > 1 and c["BLOCK_M"] <= 64]
+    # and as a persistent grid (PERSIST programs per SM walking the tiles): won 3-16 % at
+    # M = 32..256 for the rows without split-K (sweep_persist_post_scale_h100.txt), lost at M <= 16
+    if M >= 32:
+        cands += [dict(c, PERSIST=p) for c in list(cands) if c["algo"] == "gemm"
+                  and c["SPLIT_K"] == 1 and "maxnreg" not in c for p in (2, 3, 5)]
     if M >= 256:
         cands += [dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=c)
                   for c in (0, 2048, 4096, 8192)]

@@ -101,8 +101,6 @@ def main():
     ap.add_argument("--frag", type=int, default=0, choices=(0, 1, 2),
                     help="gemm: 0 = interleaving unpack + shared-memory move, 1 = fragment order, "
                          "2 = fragment order with packed bf16 pairs (inline PTX)")
-    ap.add_argument("--prefetch", type=int, default=0, choices=(0, 1),
-                    help="gemm: 1 = next tile's loads double-buffered in registers (num_stages 1)")
     ap.add_argument("--persist", type=int, default=0, choices=(0, 1),
                     help="gemm: 1 = persistent grid walking the tiles")
     ap.add_argument("--flatten", type=int, default=0, choices=(0, 1),
@@ -124,7 +122,7 @@ def main():
         fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
                                               K_FASTEST=False, IEEE=False, FRAG=a.frag,
                                               NUM_WARPS=a.num_warps, USE_ASM=a.frag == 2,
-                                              PREFETCH=a.prefetch, PERSIST=a.persist,
+                                              PERSIST=a.persist,
                                               FLATTEN=bool(a.flatten))
         weights = a.block_n * a.block_k
     ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)

@@ -1,12 +1,13 @@
 """Time the dispatcher's row against variants of it, in one run (GPU).
 
     python3 benchmarks/sweep_overrides.py --ms 2,16,64 \
-        --variants '{"PREFETCH": 1}' '{"PREFETCH": 1, "BLOCK_N": 128}'
+        --variants '{"PERSIST": 3}' '{"PERSIST": 5, "BLOCK_N": 128}'
 
 For every shape and M, the tuned (algorithm, config) is timed as is and with each variant's keys
 replacing its own (CUDA-graph replays over >= 256 MB of weight copies, as bench_kernels.py); a
 variant that fails to compile or launch is reported and skipped. The last line per shape and M
-names the fastest.
+names the fastest. With --write TABLE, a variant at least --min-gain faster than the row replaces
+it in that JSON table (a local search around the tuned rows; keys set to null are dropped).
 """
 
 import argparse
@@ -28,7 +29,10 @@ def main():
     ap.add_argument("--variants", nargs="+", required=True, help="JSON dicts of overrides")
     ap.add_argument("--ms", default="2,16,64")
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the benchmark's four)")
+    ap.add_argument("--write", default=None, help="config table (JSON) to update with winners")
+    ap.add_argument("--min-gain", type=float, default=0.03, help="e.g. 0.03: >= 3%% faster")
     a = ap.parse_args()
+    table = json.loads(Path(a.write).read_text()) if a.write else None
     variants = [json.loads(v) for v in a.variants]
     shapes = ([tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes
               else SHAPES)
@@ -55,8 +59,11 @@ def main():
                 print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / base:.2f})  {v or cfg}",
                       flush=True)
             t, v = min(results, key=lambda r: r[0])
-            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {dict(cfg, **v)}",
-                  flush=True)
+            best = {k: val for k, val in dict(cfg, algo=algo, **v).items() if val is not None}
+            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
+            if table is not None and t < (1 - a.min_gain) * results[0][0]:
+                table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
+                Path(a.write).write_text(json.dumps(table, indent=1))
         del ws
         torch.cuda.empty_cache()
 

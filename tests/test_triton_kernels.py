@@ -88,10 +88,6 @@ ALGOS = {
     "gemm_persist": ("gemm", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, PERSIST=1)),
     "gemm_persist_flatten_frag": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2,
                                                FRAG=2, PERSIST=1, FLATTEN=True)),
-    # next K tile double-buffered in registers (more splits than K tiles: empty splits)
-    "gemm_prefetch": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3, PREFETCH=1)),
-    "gemm_prefetch_frag_packed": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
-                                               FRAG=2, PREFETCH=1)),
     "dequant": ("dequant", dict(BLOCK_N=16, BLOCK_K=64)),
     "dequant_chunked": ("dequant", dict(BLOCK_N=16, BLOCK_K=64, CHUNK_N=16)),
 }

@@ -14,7 +14,9 @@ small M only pads the narrow side of the MMA. How the weight tile gets into the 
 
 The group scale/offset are loaded once per K tile (a tile never straddles groups), one tile
 ahead. Split-K partials are reduced by the last split to finish (``splitk_serial_reduce``) or,
-with SERIAL=False, by a second small kernel.
+with SERIAL=False, by a second small kernel. PERSIST = P launches P programs per multiprocessor
+that walk all (split, N, M) tiles instead of one program per tile (H100, M = 32..256 with
+BLOCK_M >= 32: up to 16 % faster, benchmarks/results/sweep_persist_post_scale_h100.txt).
 """
 
 import torch
@@ -192,32 +194,13 @@ def _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k0, K, N, GROUP, offs_nl, nl_mask, m_mask, offs_k,
-               offs_w, BLOCK_K: tl.constexpr, ZERO_KIND: tl.constexpr, EVEN_K: tl.constexpr,
-               GROUP_SHIFT: tl.constexpr, PACKED: tl.constexpr, MAGIC: tl.constexpr):
-    """Words [BN, BK/8], x [BM, BK] and the group constants of the K tile at k0."""
-    if EVEN_K:
-        k0 = tl.multiple_of(k0, BLOCK_K)
-    xk = k0 + offs_k
-    k_ok = (xk < K) | EVEN_K
-    x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-    wk = k0 // 8 + offs_w
-    w_ok = (wk < K // 8) | EVEN_K
-    words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :], other=0,
-                    eviction_policy="evict_first")
-    s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k0, K - 1), GROUP, GROUP_SHIFT),
-                            offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-    return words, x, s, b, c
-
-
-@triton.jit
 def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr,
                cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
                ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr, FRAG: tl.constexpr,
-               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr):
     """Output tile (pid_n, pid_m), K split pid_k: the K loop and the epilogue."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -239,52 +222,33 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     PACKED: tl.constexpr = FRAG == 2
     MAGIC: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
-    if PREFETCH:
-        # Hand-rolled double buffering in registers (num_stages 1): the words, x tile and group
-        # constants of tile i + 1 are loaded before tile i is dequantized and multiplied, so the
-        # weight goes global -> registers once (no cp.async -> shared -> LDS round trip).
-        # With EVEN_K every load start is clamped to the last tile (no masks, no overrun).
-        k_cur = tl.minimum(k_lo, K - BLOCK_K) if EVEN_K else k_lo
-        words, x, s, b, c = _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k_cur, K, N, GROUP,
-                                       offs_nl, nl_mask, m_mask, offs_k, offs_w, BLOCK_K,
-                                       ZERO_KIND, EVEN_K, GROUP_SHIFT, PACKED, MAGIC)
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1):
-            k_nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) if EVEN_K else k0 + BLOCK_K
-            nwords, nx, ns, nb, nc = _load_tile(x_rows, qw_rows, s_ptr, z_ptr, k_nxt, K, N,
-                                                GROUP, offs_nl, nl_mask, m_mask, offs_k, offs_w,
-                                                BLOCK_K, ZERO_KIND, EVEN_K, GROUP_SHIFT, PACKED,
-                                                MAGIC)
-            acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M, FRAG,
-                            NUM_WARPS, USE_ASM, IEEE, MAGIC)
-            words, x, s, b, c = nwords, nx, ns, nb, nc
-    else:
-        s, b, c = _group_affine(s_ptr, z_ptr,
-                                group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
-                                offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            xk = k0 + offs_k
-            k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
-            # next tile's group scale/offset issued first (small loads the compiler does not
-            # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
-            ns, nb, nc = _group_affine(s_ptr, z_ptr,
-                                       group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP,
-                                                GROUP_SHIFT),
-                                       offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-            x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-            if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits
-                words = tl.load(qw_rows + (xk // 8)[None, :],
-                                mask=n_mask[:, None] & k_ok[None, :], other=0)
-                q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
-                w = (q * s[:, None] + b[:, None]).to(x.dtype)
-                acc = _dot(acc, w, tl.trans(x), IEEE)
-            else:  # one 16-byte load per 4 words (rows in load order with FRAG, _frag_rows)
-                wk = k0 // 8 + offs_w
-                w_ok = (wk < K // 8) | EVEN_K
-                words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :],
-                                other=0)
-                acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M,
-                                FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
-            s, b, c = ns, nb, nc
+    s, b, c = _group_affine(s_ptr, z_ptr,
+                            group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
+                            offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xk = k0 + offs_k
+        k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
+        # next tile's group scale/offset issued first (small loads the compiler does not
+        # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
+        ns, nb, nc = _group_affine(s_ptr, z_ptr,
+                                   group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP,
+                                            GROUP_SHIFT),
+                                   offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+        x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits
+            words = tl.load(qw_rows + (xk // 8)[None, :],
+                            mask=n_mask[:, None] & k_ok[None, :], other=0)
+            q = codes_to_float((words >> ((xk % 8) * 4)[None, :]) & 0xF)
+            w = (q * s[:, None] + b[:, None]).to(x.dtype)
+            acc = _dot(acc, w, tl.trans(x), IEEE)
+        else:  # one 16-byte load per 4 words (rows in load order with FRAG, _frag_rows)
+            wk = k0 // 8 + offs_w
+            w_ok = (wk < K // 8) | EVEN_K
+            words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :],
+                            other=0)
+            acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M,
+                            FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
+        s, b, c = ns, nb, nc
     y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
     ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
@@ -310,7 +274,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                      K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
                      NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False,
-                     PREFETCH: tl.constexpr = 0, PERSIST: tl.constexpr = 0,
+                     PERSIST: tl.constexpr = 0,
                      FLATTEN: tl.constexpr = False):
     if PERSIST:
         # a fixed grid of programs walks the tiles (split index fastest, like K_FASTEST): no
@@ -325,18 +289,18 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
             _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                        ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn,
                        one_bits, ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER,
-                       EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, PREFETCH)
+                       EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM)
     else:
         pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
         _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                    ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
                    ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER, EVEN_K, IEEE,
-                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, PREFETCH)
+                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM)
 
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=0, PREFETCH=0, PERSIST=0, FLATTEN=False,
+              K_FASTEST=False, FRAG=0, PERSIST=0, FLATTEN=False,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
@@ -369,7 +333,6 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
-                           PREFETCH=int(PREFETCH) if not GATHER else 0,
                            PERSIST=int(bool(PERSIST)), FLATTEN=bool(FLATTEN),
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
