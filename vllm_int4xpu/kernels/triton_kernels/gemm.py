@@ -274,15 +274,14 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                      K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
                      NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False,
-                     PERSIST: tl.constexpr = 0,
-                     FLATTEN: tl.constexpr = False):
+                     PERSIST: tl.constexpr = 0):
     if PERSIST:
         # a fixed grid of programs walks the tiles (split index fastest, like K_FASTEST): no
-        # per-program launch and ramp-up, and with FLATTEN the compiler's pipeline runs on
-        # across tile boundaries
+        # per-program launch and ramp-up (tl.range(flatten=True), to pipeline across tiles,
+        # compiled to the same SASS with Triton 3.6 and was dropped)
         n_tiles = tl.cdiv(N, BLOCK_N)
         total = n_tiles * tl.cdiv(M, BLOCK_M) * SPLIT_K
-        for t in tl.range(tl.program_id(0), total, tl.num_programs(0), flatten=FLATTEN):
+        for t in tl.range(tl.program_id(0), total, tl.num_programs(0)):
             pid_k = t % SPLIT_K
             pid_n = (t // SPLIT_K) % n_tiles
             pid_m = t // (SPLIT_K * n_tiles)
@@ -300,7 +299,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=0, PERSIST=0, FLATTEN=False,
+              K_FASTEST=False, FRAG=0, PERSIST=0,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
@@ -333,7 +332,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
-                           PERSIST=int(bool(PERSIST)), FLATTEN=bool(FLATTEN),
+                           PERSIST=int(bool(PERSIST)),
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
