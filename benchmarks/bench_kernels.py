@@ -262,6 +262,8 @@ def tune_candidates(M):
                         nw = 8 if (bn == 256 or bm == 128) else 4
                         cands.append(dict(algo="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                           SPLIT_K=sk, num_warps=nw, num_stages=3))
+                        if nw == 4 and bn == 128:  # 254 -> 127 registers at BM 64 (sm_90)
+                            cands.append(dict(cands[-1], num_warps=8))
     else:  # large M: big tensor-core tiles against dequantize + cuBLAS
         for bm, bn in ((256, 128), (128, 256), (128, 128)):
             for ns in (3, 4):
