@@ -256,7 +256,7 @@ def tune_candidates(M):
         for bm in bms:
             for bn in (64, 128, 256):
                 for bk in (64, 128):
-                    for sk in ((1, 2, 4) if M <= 64 else (1,)):
+                    for sk in ((1, 2, 4) if M <= 64 else (1, 2)):  # M 128: split 2 won on K 14336
                         if bm == 128 and bn == 256 and bk == 128:
                             continue
                         nw = 8 if (bn == 256 or bm == 128) else 4
