@@ -103,6 +103,7 @@ def main():
                          "2 = fragment order with packed bf16 pairs (inline PTX)")
     ap.add_argument("--persist", type=int, default=0, choices=(0, 1),
                     help="gemm: 1 = persistent grid walking the tiles")
+    ap.add_argument("--unroll", type=int, default=None, help="gemm: loop_unroll_factor")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
@@ -120,7 +121,7 @@ def main():
         fn, cex = gemm.int4_gemm_kernel, dict(common, BLOCK_M=a.block_m, GATHER=False,
                                               K_FASTEST=False, IEEE=False, FRAG=a.frag,
                                               NUM_WARPS=a.num_warps, USE_ASM=a.frag == 2,
-                                              PERSIST=a.persist)
+                                              PERSIST=a.persist, UNROLL=a.unroll)
         weights = a.block_n * a.block_k
     ck = compile_sm90(fn, cex, a.num_warps, a.num_stages)
     hist = loop_histogram(ck.asm["sass"])

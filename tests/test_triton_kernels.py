@@ -86,6 +86,7 @@ ALGOS = {
     "gemm_gather": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GATHER=1)),
     # a fixed grid of programs walking all (split, N, M) tiles
     "gemm_persist": ("gemm", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3, PERSIST=1)),
+    "gemm_unroll2": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, UNROLL=2)),
     "gemm_persist_frag": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, FRAG=2,
                                        PERSIST=1)),
     "dequant": ("dequant", dict(BLOCK_N=16, BLOCK_K=64)),

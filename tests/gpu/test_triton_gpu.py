@@ -46,6 +46,8 @@ ALGOS = {
     "gemm_frag_packed_8warps": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
                                     num_warps=8),
     "gemm_persist": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, FRAG=2, PERSIST=6),
+    "gemm_unroll2_persist": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
+                                 PERSIST=4, UNROLL=2, num_warps=8, num_stages=4),
     "gemm_persist_bm64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
                               PERSIST=3),
     "gemm_big": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8),

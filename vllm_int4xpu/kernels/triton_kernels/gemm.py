@@ -200,7 +200,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr, FRAG: tl.constexpr,
-               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr):
+               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr, UNROLL: tl.constexpr):
     """Output tile (pid_n, pid_m), K split pid_k: the K loop and the epilogue."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,7 +225,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
     s, b, c = _group_affine(s_ptr, z_ptr,
                             group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
                             offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
         xk = k0 + offs_k
         k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
         # next tile's group scale/offset issued first (small loads the compiler does not
@@ -274,7 +274,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                      K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
                      NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False,
-                     PERSIST: tl.constexpr = 0):
+                     PERSIST: tl.constexpr = 0, UNROLL: tl.constexpr = None):
     if PERSIST:
         # a fixed grid of programs walks the tiles (split index fastest, like K_FASTEST): no
         # per-program launch and ramp-up (tl.range(flatten=True), to pipeline across tiles,
@@ -288,18 +288,19 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
             _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                        ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn,
                        one_bits, ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER,
-                       EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM)
+                       EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM,
+                       UNROLL)
     else:
         pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
         _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                    ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
                    ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER, EVEN_K, IEEE,
-                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM)
+                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, UNROLL)
 
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=0, PERSIST=0,
+              K_FASTEST=False, FRAG=0, PERSIST=0, UNROLL=None,
               num_warps=4, num_stages=3, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
     M, K = x.shape
@@ -332,7 +333,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
-                           PERSIST=int(bool(PERSIST)),
+                           PERSIST=int(bool(PERSIST)), UNROLL=UNROLL,
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
