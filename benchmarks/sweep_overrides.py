@@ -63,7 +63,7 @@ def main():
             print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
             if table is not None and t < (1 - a.min_gain) * results[0][0]:
                 table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
-                Path(a.write).write_text(json.dumps(table, indent=1))
+                Path(a.write).write_text(json.dumps(table, indent=1) + "\n")
         del ws
         torch.cuda.empty_cache()
 

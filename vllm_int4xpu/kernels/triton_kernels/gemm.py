@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
-                     interpreting, multiprocessors, nibble_pair_as_float, splitk_grid, splitk_reduce,
-                     splitk_serial_reduce, tile_counters, tile_ids, unpack_along_k)
+                     interpreting, multiprocessors, nibble_pair_as_float, splitk_grid,
+                     splitk_reduce, splitk_serial_reduce, tile_counters, tile_ids,
+                     unpack_along_k)
 
 
 @triton.jit
@@ -222,8 +223,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     PACKED: tl.constexpr = FRAG == 2
     MAGIC: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
-    s, b, c = _group_affine(s_ptr, z_ptr,
-                            group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
+    s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
                             offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
         xk = k0 + offs_k
@@ -231,8 +231,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
         # next tile's group scale/offset issued first (small loads the compiler does not
         # pipeline; issuing them before the x tile measured 20-30 % faster at M <= 16 on H100)
         ns, nb, nc = _group_affine(s_ptr, z_ptr,
-                                   group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP,
-                                            GROUP_SHIFT),
+                                   group_of(tl.minimum(k0 + BLOCK_K, K - 1), GROUP, GROUP_SHIFT),
                                    offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
         x = tl.load(x_rows + xk[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
         if GATHER and not FRAG:  # each k loads its own word: 8x redundant L1 hits
