@@ -24,6 +24,49 @@ from bench_kernels import GROUP, L2_DEFEAT_BYTES, SHAPES, make_weights, time_gra
 from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
 
 
+def parse_shapes(text):
+    """'KxN,KxN' -> [(K, N), ...]; None -> the benchmark's four shapes."""
+    return [tuple(int(v) for v in t.split("x")) for t in text.split(",")] if text else SHAPES
+
+
+def sweep(shapes, ms, variants, write=None, min_gain=0.03):
+    """Time each shape's tuned row and the row with each variant's keys replaced; with ``write``
+    (a table path) store a variant at least ``min_gain`` faster than the row."""
+    table = json.loads(Path(write).read_text()) if write else None
+    fam = device_family(torch.device("cuda"))
+    print(f"# {torch.cuda.get_device_name()}  µs (ratio to the tuned row)")
+    for K, N in shapes:
+        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / (N * K // 2))))
+        ws = make_weights(K, N, copies)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            algo, cfg = choose_config(fam, M, K, N, GROUP)
+            results = []
+            for v in [{}] + list(variants):
+                kw = dict(cfg, **v)
+                try:
+                    t = time_graph([lambda w=w: int4_matmul(
+                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=algo, **kw)
+                        for w in ws])
+                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory, unknown key)
+                    print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    continue
+                results.append((t, v))
+                print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / results[0][0]:.2f})  {v or cfg}",
+                      flush=True)
+            if not results or results[0][1]:  # the row itself did not run: nothing to compare
+                print(f"NO BASELINE {K}x{N} M={M}", flush=True)
+                continue
+            t, v = min(results, key=lambda r: r[0])
+            best = {k: val for k, val in dict(cfg, algo=algo, **v).items() if val is not None}
+            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
+            if table is not None and t < (1 - min_gain) * results[0][0]:
+                table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
+                Path(write).write_text(json.dumps(table, indent=1) + "\n")
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--variants", nargs="+", required=True, help="JSON dicts of overrides")
@@ -32,40 +75,8 @@ def main():
     ap.add_argument("--write", default=None, help="config table (JSON) to update with winners")
     ap.add_argument("--min-gain", type=float, default=0.03, help="e.g. 0.03: >= 3%% faster")
     a = ap.parse_args()
-    table = json.loads(Path(a.write).read_text()) if a.write else None
-    variants = [json.loads(v) for v in a.variants]
-    shapes = ([tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes
-              else SHAPES)
-    fam = device_family(torch.device("cuda"))
-    print(f"# {torch.cuda.get_device_name()}  µs (ratio to the tuned row)")
-    for K, N in shapes:
-        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / (N * K // 2))))
-        ws = make_weights(K, N, copies)
-        for M in (int(m) for m in a.ms.split(",")):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            algo, cfg = choose_config(fam, M, K, N, GROUP)
-            results = []
-            for v in [{}] + variants:
-                kw = dict(cfg, **v)
-                try:
-                    t = time_graph([lambda w=w: int4_matmul(
-                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=algo, **kw)
-                        for w in ws])
-                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory / registers)
-                    print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
-                    continue
-                results.append((t, v))
-                base = results[0][0]
-                print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / base:.2f})  {v or cfg}",
-                      flush=True)
-            t, v = min(results, key=lambda r: r[0])
-            best = {k: val for k, val in dict(cfg, algo=algo, **v).items() if val is not None}
-            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
-            if table is not None and t < (1 - a.min_gain) * results[0][0]:
-                table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
-                Path(a.write).write_text(json.dumps(table, indent=1) + "\n")
-        del ws
-        torch.cuda.empty_cache()
+    sweep(parse_shapes(a.shapes), [int(m) for m in a.ms.split(",")],
+          [json.loads(v) for v in a.variants], a.write, a.min_gain)
 
 
 if __name__ == "__main__":
