@@ -43,6 +43,16 @@ GROUP = 128
 L2_DEFEAT_BYTES = 256 << 20  # H100 L2 is 50 MB; cycle through >= 256 MB of weights
 
 
+def int4_bytes(K, N):
+    """Bytes of the int4 weight with bf16 scales and zeros (group GROUP)."""
+    return N * K // 2 + 2 * (K // GROUP) * N * 2
+
+
+def graph_copies(nbytes, most=48):
+    """Distinct copies of ``nbytes`` one CUDA graph cycles through to defeat the L2 (2..most)."""
+    return max(2, min(most, math.ceil(L2_DEFEAT_BYTES / nbytes)))
+
+
 # ------------------------------------------------------------------------------------ timing
 def time_graph(fns, reps=20):
     """Median µs per call of a CUDA graph that calls each fn once (one per weight copy)."""
@@ -158,9 +168,9 @@ def rel_err(y, ref):
 
 
 def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
-    int4_bytes = N * K // 2 + 2 * (K // GROUP) * N * 2
-    copies = max(2, min(48, math.ceil(L2_DEFEAT_BYTES / int4_bytes)))
-    bf16_copies = max(2, min(48, math.ceil(L2_DEFEAT_BYTES / (2 * N * K))))
+    wbytes = int4_bytes(K, N)
+    copies = graph_copies(wbytes)
+    bf16_copies = graph_copies(2 * N * K)
     ws = make_weights(K, N, copies)
     dense = dequantize(ws[0], torch.float32)
     dense_bf16 = [dense.to(torch.bfloat16) for _ in range(bf16_copies)]
@@ -172,9 +182,9 @@ def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
         except Exception as e:  # noqa: BLE001
             print(f"# GemLite pack failed: {type(e).__name__}: {e}")
     fam = device_family(torch.device("cuda"))
-    read_us = read_anchor_us(int4_bytes, copies)
-    print(f"# {K}x{N}: reading the same {int4_bytes / 1e6:.1f} MB in one Triton kernel "
-          f"(nothing else) takes {read_us:.2f} us = {100 * int4_bytes / bw * 1e6 / read_us:.0f}% "
+    read_us = read_anchor_us(wbytes, copies)
+    print(f"# {K}x{N}: reading the same {wbytes / 1e6:.1f} MB in one Triton kernel "
+          f"(nothing else) takes {read_us:.2f} us = {100 * wbytes / bw * 1e6 / read_us:.0f}% "
           "of the byte floor", flush=True)
     for M in ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -196,7 +206,7 @@ def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
                 e_gl = rel_err(gl[0](x), ref)
             except Exception as e:  # noqa: BLE001
                 print(f"# GemLite run failed at M={M}: {type(e).__name__}: {e}")
-        nbytes = int4_bytes + 2 * M * K + 2 * M * N
+        nbytes = wbytes + 2 * M * K + 2 * M * N
         floor = max(nbytes / bw, 2 * M * N * K / peak) * 1e6
         algo, cfg = choose_config(fam, M, K, N, GROUP)
         rows.append(dict(K=K, N=N, M=M, floor_us=floor, read_us=read_us, algo=algo,
@@ -299,8 +309,7 @@ def tune(path, shapes, ms, budget_s, algos=None):
     shapes_tbl = table.setdefault("shapes", {})
     t_end = time.time() + budget_s
     for K, N in shapes:
-        int4_bytes = N * K // 2
-        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / int4_bytes)))
+        copies = graph_copies(N * K // 2, most=24)
         ws = make_weights(K, N, copies)
         ent = shapes_tbl.setdefault(f"{K}x{N}", {})
         for M in ms:
@@ -361,8 +370,8 @@ def main():
     if a.read_anchor:
         bw, _ = measure_floors()
         for K, N in shapes:
-            nbytes = N * K // 2 + 2 * (K // GROUP) * N * 2
-            t = read_anchor_us(nbytes, max(2, min(48, math.ceil(L2_DEFEAT_BYTES / nbytes))))
+            nbytes = int4_bytes(K, N)
+            t = read_anchor_us(nbytes, graph_copies(nbytes))
             print(f"read-only {K}x{N}: {nbytes / 1e6:.1f} MB in {t:.2f} us = "
                   f"{100 * nbytes / bw * 1e6 / t:.0f}% of the byte floor ({bw / 1e9:.0f} GB/s)")
         return

@@ -12,7 +12,6 @@ it in that JSON table (a local search around the tuned rows; keys set to null ar
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_kernels import GROUP, L2_DEFEAT_BYTES, SHAPES, make_weights, time_graph  # noqa: E402
+from bench_kernels import GROUP, SHAPES, graph_copies, make_weights, time_graph  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
 
 
@@ -36,7 +35,7 @@ def sweep(shapes, ms, variants, write=None, min_gain=0.03):
     fam = device_family(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  µs (ratio to the tuned row)")
     for K, N in shapes:
-        copies = max(2, min(24, math.ceil(L2_DEFEAT_BYTES / (N * K // 2))))
+        copies = graph_copies(N * K // 2, most=24)
         ws = make_weights(K, N, copies)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)

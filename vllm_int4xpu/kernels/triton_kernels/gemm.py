@@ -315,11 +315,10 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     use_asm = FRAG == 2 and x.is_cuda and torch.version.hip is None and not interpreting()
     if FRAG == 2 and not use_asm and not interpreting():
         FRAG = 1  # no packed instructions here (XPU, ROCm): FRAG 1's fp32 route is cheaper
-    grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M),
-                                          SPLIT_K, SERIAL, K_FASTEST)
+    n_tiles, m_tiles = triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M)
+    grid, serial, K_FASTEST = splitk_grid(n_tiles, m_tiles, SPLIT_K, SERIAL, K_FASTEST)
     if PERSIST and not interpreting():  # PERSIST programs per SM walk all tiles
-        tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M) * SPLIT_K
-        grid = (min(tiles, int(PERSIST) * multiprocessors(x.device)),)
+        grid = (min(n_tiles * m_tiles * SPLIT_K, int(PERSIST) * multiprocessors(x.device)),)
     elif PERSIST:  # the interpreter runs programs one by one: 3 programs still share tiles
         grid = (3,)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
