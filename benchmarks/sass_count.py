@@ -104,11 +104,13 @@ def main():
     ap.add_argument("--persist", type=int, default=0, choices=(0, 1),
                     help="gemm: 1 = persistent grid walking the tiles")
     ap.add_argument("--unroll", type=int, default=None, help="gemm: loop_unroll_factor")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch waits")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
     common = dict(ZERO_KIND=a.zero_kind, HAS_BIAS=False, SPLIT_K=a.split_k, BLOCK_N=a.block_n,
-                  BLOCK_K=a.block_k, EVEN_K=True, GROUP_SHIFT=a.group_shift, SERIAL=True)
+                  BLOCK_K=a.block_k, EVEN_K=True, GROUP_SHIFT=a.group_shift, SERIAL=True,
+                  PDL=a.pdl)
     if a.m == 1:
         common["M"] = 1
     if a.kernel == "gemv":
@@ -135,6 +137,8 @@ def main():
           f"({total / per_thread / rows:.2f} per weight and row of x, {rows} rows)")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common(24)))
     print(f"whole kernel: {n_all} instructions; {ptxas_registers(ck.asm['ptx'])}")
+    if a.pdl:
+        print("griddepcontrol in PTX:", ck.asm["ptx"].count("griddepcontrol"))
 
 
 if __name__ == "__main__":

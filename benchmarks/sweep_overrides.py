@@ -4,10 +4,11 @@
         --variants '{"PERSIST": 3}' '{"PERSIST": 5, "BLOCK_N": 128}'
 
 For every shape and M, the tuned (algorithm, config) is timed as is and with each variant's keys
-replacing its own (CUDA-graph replays over >= 256 MB of weight copies, as bench_kernels.py); a
-variant that fails to compile or launch is reported and skipped. The last line per shape and M
-names the fastest. With --write TABLE, a variant at least --min-gain faster than the row replaces
-it in that JSON table (a local search around the tuned rows; keys set to null are dropped).
+replacing its own; a variant with an "algo" key is a whole config instead (CUDA-graph replays
+over >= 256 MB of weight copies, as bench_kernels.py). A variant that fails to compile or launch
+is reported and skipped. The last line per shape and M names the fastest. With --write TABLE, a
+variant at least --min-gain faster than the row replaces it in that JSON table (a local search
+around the tuned rows; keys set to null are dropped).
 """
 
 import argparse
@@ -42,10 +43,12 @@ def sweep(shapes, ms, variants, write=None, min_gain=0.03):
             algo, cfg = choose_config(fam, M, K, N, GROUP)
             results = []
             for v in [{}] + list(variants):
-                kw = dict(cfg, **v)
+                # a variant naming an algorithm is a whole config of its own
+                kw = dict(v) if "algo" in v else dict(cfg, **v)
+                va = kw.pop("algo", algo)
                 try:
                     t = time_graph([lambda w=w: int4_matmul(
-                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=algo, **kw)
+                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=va, **kw)
                         for w in ws])
                 except Exception as e:  # noqa: BLE001  (e.g. out of shared memory, unknown key)
                     print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
@@ -57,7 +60,8 @@ def sweep(shapes, ms, variants, write=None, min_gain=0.03):
                 print(f"NO BASELINE {K}x{N} M={M}", flush=True)
                 continue
             t, v = min(results, key=lambda r: r[0])
-            best = {k: val for k, val in dict(cfg, algo=algo, **v).items() if val is not None}
+            full = dict(v) if "algo" in v else {**cfg, "algo": algo, **v}
+            best = {k: val for k, val in full.items() if val is not None}
             print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
             if table is not None and t < (1 - min_gain) * results[0][0]:
                 table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best

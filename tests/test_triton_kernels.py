@@ -199,7 +199,6 @@ def test_backend_act_order_fp16(zero_kind):
 
 
 @interpreted
-@interpreted
 def test_serial_splitk_leaves_counters_zeroed():
     """The last split resets its tile counter, so repeated launches (graph replays) stay right."""
     from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
@@ -213,6 +212,20 @@ def test_serial_splitk_leaves_counters_zeroed():
             assert rel(run(w, x, algo="gemv", BLOCK_N=16, BLOCK_K=64, SPLIT_K=4),
                        ref) < TOL[torch.bfloat16]
         assert int(tile_counters(x.device).abs().sum()) == 0
+
+
+@interpreted
+def test_pdl_option_is_dropped_where_unsupported():
+    """PDL (a CUDA sm_90+ launch option the H100 table sets) is off on CPU and in the
+    interpreter: the launchers drop it and the result is unchanged (the GPU tests run it)."""
+    from vllm_int4xpu.kernels.triton_kernels.common import pdl_supported
+    assert not pdl_supported("cpu")
+    w = make_weight(40, 256, 64, ZeroKind.FLOAT, torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    ref = reference_linear(x, w)
+    for algo, cfg in (("gemv", dict(BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)),
+                      ("gemm", dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2))):
+        assert rel(run(w, x, algo=algo, PDL=1, **cfg), ref) < TOL[torch.bfloat16]
 
 
 @interpreted

@@ -50,6 +50,12 @@ ALGOS = {
                                  PERSIST=4, UNROLL=2, num_warps=8, num_stages=4),
     "gemm_persist_bm64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
                               PERSIST=3),
+    "gemv_pdl": dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, PDL=1, num_warps=2),
+    "gemv_pipelined_pdl": dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=3, STAGES=3, PDL=1),
+    "gemm_pdl": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, FRAG=2, K_FASTEST=1,
+                     PDL=1),
+    "gemm_persist_pdl": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
+                             PERSIST=3, PDL=1),
     "gemm_big": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8),
     "dequant": dict(BLOCK_N=64, BLOCK_K=128),
     "dequant_chunked": dict(BLOCK_N=64, BLOCK_K=128, CHUNK_N=64),
@@ -123,6 +129,48 @@ def test_dispatch_backend_act_order_graph(M):
         g_.replay()
         torch.cuda.synchronize()
         assert rel(y, reference_linear(x, w)) < TOL[torch.bfloat16], (M, zk)
+
+
+PDL_CHAIN = {"gemv": dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2),
+             "gemm": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, FRAG=2, K_FASTEST=1)}
+
+
+@pytest.mark.parametrize("algo,M", [("gemv", 1), ("gemm", 16)])
+def test_pdl_chain_in_graph(algo, M):
+    """A chain of PDL launches in one CUDA graph, each reading the previous one's output (the
+    case PDL's wait protects): equal, bit for bit, to the same chain launched without PDL, and
+    its first step to the float64 oracle. With PDL's wait left out, a program reads x while the
+    previous kernel still writes it."""
+    K = 2048
+    ws = [make(K, K, 128, ZeroKind.FLOAT, torch.bfloat16, seed=i).to("cuda") for i in range(6)]
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):
+        h = x0
+        for w in ws:
+            h = int4_matmul(h, w.qweight, w.scales, w.zeros, ZeroKind.FLOAT, 128, algo=algo,
+                            PDL=pdl, **PDL_CHAIN[algo])
+            h = h / h.float().pow(2).mean(-1, keepdim=True).sqrt().to(h.dtype)  # keep scale
+            h = int4_matmul(h, w.qweight, w.scales, w.zeros, ZeroKind.FLOAT, 128, algo=algo,
+                            PDL=pdl, **PDL_CHAIN[algo])  # kernel after kernel, no op between
+        return h
+
+    expect = chain(False)
+    first = int4_matmul(x0, ws[0].qweight, ws[0].scales, ws[0].zeros, ZeroKind.FLOAT, 128,
+                        algo=algo, PDL=True, **PDL_CHAIN[algo])
+    assert rel(first, reference_linear(x0, ws[0])) < TOL[torch.bfloat16]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = chain(True)
+    for _ in range(20):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expect)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ import os
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm_90+); a Triton build without the CUDA extras has none
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
 ZERO_NONE, ZERO_INT, ZERO_FLOAT = 0, 1, 2
 
 # float32 2**23: OR-ing a code into this bit pattern gives 2**23 + q exactly, which skips the slow
@@ -179,6 +184,39 @@ def splitk_serial_reduce(acc, ws_ptrs, split_stride, mask, cnt_ptr, pid_k,
                              cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
     return total, count
+
+
+@triton.jit
+def pdl_launch_next(PDL: tl.constexpr):
+    """With PDL: the next kernel on the stream may launch once every program of this grid has
+    called this (kernels call it after their K loop: its programs then fill the slots this
+    grid's tail frees; called first thing, the next grids' programs took SM slots early and
+    unevenly, 1.1-1.3x slower on single-wave grids, benchmarks/results/sweep_pdl_early_trigger_h100.txt)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With PDL: block until the kernel before this one has finished and its writes are visible.
+    Everything before this call may only read the weight (never written at run time), never x,
+    y or the split-K workspace and counters."""
+    if PDL:
+        gdc_wait()
+
+
+ENV_PDL = "VLLM_INT4XPU_PDL"  # "0": never launch with PDL, whatever the config table says
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: CUDA (not ROCm) sm_90+, compiled (not the interpreter),
+    and not turned off with VLLM_INT4XPU_PDL=0."""
+    import torch
+    device = torch.device(device)
+    return (os.environ.get(ENV_PDL, "1") != "0" and device.type == "cuda"
+            and torch.version.hip is None and not interpreting()
+            and gdc_wait is not None and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 @functools.lru_cache(maxsize=None)

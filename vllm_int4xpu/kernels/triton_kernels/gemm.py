@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
-                     interpreting, multiprocessors, nibble_pair_as_float, splitk_grid,
-                     splitk_reduce, splitk_serial_reduce, tile_counters, tile_ids,
-                     unpack_along_k)
+                     interpreting, multiprocessors, nibble_pair_as_float, pdl_launch_next,
+                     pdl_supported, pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce,
+                     tile_counters, tile_ids, unpack_along_k)
 
 
 @triton.jit
@@ -201,7 +201,8 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GATHER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr, FRAG: tl.constexpr,
-               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr, UNROLL: tl.constexpr):
+               NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr, UNROLL: tl.constexpr,
+               PDL: tl.constexpr, PDL_TRIGGER: tl.constexpr):
     """Output tile (pid_n, pid_m), K split pid_k: the K loop and the epilogue."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -225,6 +226,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
     MAGIC: tl.constexpr = 1024.0 if x_ptr.dtype.element_ty == tl.float16 else 128.0
     s, b, c = _group_affine(s_ptr, z_ptr, group_of(tl.minimum(k_lo, K - 1), GROUP, GROUP_SHIFT),
                             offs_nl, nl_mask, N, ZERO_KIND, PACKED, MAGIC)
+    pdl_wait(PDL)  # x is first read by the loop's pipeline prologue
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, loop_unroll_factor=UNROLL):
         xk = k0 + offs_k
         k_ok = (xk < K) | EVEN_K  # EVEN_K: no K mask, so loads vectorize
@@ -248,6 +250,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
             acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M,
                             FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
         s, b, c = ns, nb, nc
+    pdl_launch_next(PDL_TRIGGER)  # the next kernel may launch into the slots our tail frees
     y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
     ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
@@ -273,7 +276,8 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      SERIAL: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                      K_FASTEST: tl.constexpr, FRAG: tl.constexpr = 0,
                      NUM_WARPS: tl.constexpr = 4, USE_ASM: tl.constexpr = False,
-                     PERSIST: tl.constexpr = 0, UNROLL: tl.constexpr = None):
+                     PERSIST: tl.constexpr = 0, UNROLL: tl.constexpr = None,
+                     PDL: tl.constexpr = False):
     if PERSIST:
         # a fixed grid of programs walks the tiles (split index fastest, like K_FASTEST): no
         # per-program launch and ramp-up (tl.range(flatten=True), to pipeline across tiles,
@@ -288,20 +292,23 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                        ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn,
                        one_bits, ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER,
                        EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM,
-                       UNROLL)
+                       UNROLL, PDL, False)
+        pdl_launch_next(PDL)  # after the whole walk (triggering after the first tile measured
+        # slower: the next kernel's programs then take SM slots early, unevenly)
     else:
         pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
         _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
                    ws_ptr, cnt_ptr, M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits,
                    ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER, EVEN_K, IEEE,
-                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, UNROLL)
+                   SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM, UNROLL, PDL, PDL)
 
 
 def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GATHER=False, SERIAL=True,
-              K_FASTEST=False, FRAG=0, PERSIST=0, UNROLL=None,
+              K_FASTEST=False, FRAG=0, PERSIST=0, UNROLL=None, PDL=False,
               num_warps=4, num_stages=3, **extra):
-    """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated."""
+    """out [M, N] = x [M, K] @ W^T (+ bias) on tensor cores. ``out`` is preallocated.
+    PDL: programmatic dependent launch where supported (see int4_gemv)."""
     M, K = x.shape
     N = qweight.shape[0]
     # FRAG is a speed option: tiles it cannot lay out (K tiles of 16 for group 16/48, N tiles
@@ -324,6 +331,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
+    pdl = bool(PDL) and pdl_supported(x.device)
     int4_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
                            ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
                            ONE_BITS, ZERO_KIND=zero_kind, HAS_BIAS=bias is not None,
@@ -331,7 +339,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
-                           PERSIST=int(bool(PERSIST)), UNROLL=UNROLL,
+                           PERSIST=int(bool(PERSIST)), UNROLL=UNROLL, PDL=pdl, launch_pdl=pdl,
                            NUM_WARPS=num_warps, num_warps=num_warps,
                            num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:

@@ -26,7 +26,8 @@ from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
 from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
-                     splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters, tile_ids)
+                     pdl_launch_next, pdl_supported, pdl_wait, splitk_grid, splitk_reduce,
+                     splitk_serial_reduce, tile_counters, tile_ids)
 
 
 @triton.jit
@@ -154,7 +155,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
                      X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
-                     K_FASTEST: tl.constexpr):
+                     K_FASTEST: tl.constexpr, PDL: tl.constexpr = False):
     pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -184,6 +185,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     if STAGES >= 2:
         # The compiler's software pipeline: STAGES - 1 tiles in flight through shared memory
         # (cp.async on CUDA), without holding them in registers.
+        pdl_wait(PDL)  # the pipeline's first loads include x
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             if EVEN_K:
                 k0 = tl.multiple_of(k0, BLOCK_K)
@@ -199,6 +201,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         k_first = tl.multiple_of(tl.minimum(k_lo, k_last), BLOCK_K) if EVEN_K else k_lo
         words, s, b = _load_tile(w_rows, s_ptr, z_ptr, k_first, k_hi, K, N, GROUP, offs_n,
                                  n_mask, offs_w, ZERO_KIND, EVEN_K, EVEN_N, GROUP_SHIFT)
+        pdl_wait(PDL)  # the first weight tile is in flight; x is read from here on
         for k0 in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:  # tile starts are multiples of BLOCK_K: tell the compiler (16-B loads)
                 k_next = tl.multiple_of(tl.minimum(k0 + BLOCK_K, k_last), BLOCK_K)
@@ -211,6 +214,7 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                 x_row0, x_row1, x_row2, x_row3, offs_w, one_bits, BLOCK_N, BLOCK_K, X_PAIRS,
                 EVEN_K, ROWS)
             words, s, b = nwords, ns, nb
+    pdl_launch_next(PDL)  # the next kernel may launch into the slots our tail frees
     # [BLOCK_N, ROWS] result: column r is row m0 + r
     y0 = tl.sum(acc0, axis=1) + acc_r0
     if ROWS == 1:
@@ -240,8 +244,11 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
 
 def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, SERIAL=True, ROWS=1, STAGES=1,
-              K_FASTEST=True, num_warps=4, num_stages=2, **extra):
-    """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller."""
+              K_FASTEST=True, PDL=False, num_warps=4, num_stages=2, **extra):
+    """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller.
+
+    PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+): the programs
+    start while the previous kernel drains and load their first weight tile before waiting."""
     M, K = x.shape
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
@@ -251,6 +258,7 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
+    pdl = bool(PDL) and pdl_supported(x.device)
     # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
     x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
     if x_pairs:
@@ -264,7 +272,7 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
                            GROUP_SHIFT=group_shift(group, K), SERIAL=serial,
                            X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
-                           K_FASTEST=K_FASTEST,
+                           K_FASTEST=K_FASTEST, PDL=pdl, launch_pdl=pdl,
                            num_warps=num_warps, num_stages=num_stages, **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)

@@ -1,0 +1,94 @@
+"""Where the time of the large-M path goes (GPU): dequantize + cuBLAS against cuBLAS alone.
+
+    python3 benchmarks/large_m_parts.py --ms 512,2048
+    python3 benchmarks/large_m_parts.py --ms 2048 --variants '{"BLOCK_N": 32}'
+
+Per shape and M, in one run and with the same CUDA-graph method as bench_kernels.py (replays over
+distinct weight copies that defeat the L2), prints the µs of
+
+* ``cublas``       F.linear on a dense bf16 weight (the anchor);
+* ``mm_chunks``    the same GEMM as the path issues it: one torch.mm per CHUNK_N rows of the
+                   weight into column slices of the output (dense chunks prepared beforehand);
+* ``dequant``      only the dequantization, chunk by chunk into the reused buffer;
+* ``path``         the table's dequant row end to end (int4_matmul);
+
+so ``path - cublas`` splits into the dequantization and the cost of chunking the GEMM. With
+--variants, each JSON dict of dequantization options replaces the row's own in another line.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kernels import GROUP, SHAPES, graph_copies, make_weights, time_graph  # noqa: E402
+from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
+from vllm_int4xpu.kernels.triton_kernels import int4_dequantize  # noqa: E402
+
+
+def parts(K, N, M, ws, cfg):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    chunk = cfg.get("CHUNK_N") or N
+    dq = {k: v for k, v in cfg.items() if k != "CHUNK_N"}
+    dense = [int4_dequantize(w.qweight, w.scales, w.zeros, 2, GROUP, torch.bfloat16, K, **dq)
+             for w in ws[:2]]  # two dense copies: the weight is re-read from DRAM each call
+    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    buf = torch.empty(min(chunk, N), K, device="cuda", dtype=torch.bfloat16)
+
+    def mm_chunks(d):
+        for n0 in range(0, N, chunk):
+            torch.mm(x, d[n0:n0 + chunk].t(), out=out[:, n0:n0 + chunk])
+
+    def dequant(w):
+        for n0 in range(0, N, chunk):
+            rows = min(chunk, N - n0)
+            int4_dequantize(w.qweight, w.scales, w.zeros, 2, GROUP, torch.bfloat16, K,
+                            out=buf[:rows], row0=n0, rows=rows, **dq)
+
+    res = {"cublas": time_graph([lambda d=d: torch.nn.functional.linear(x, d) for d in dense]),
+           "mm_chunks": time_graph([lambda d=d: mm_chunks(d) for d in dense]),
+           "dequant": time_graph([lambda w=w: dequant(w) for w in ws]),
+           "path": time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
+                                                       w.zero_kind, GROUP, algo="dequant", **cfg)
+                               for w in ws])}
+    del dense, buf
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ms", default="512,2048")
+    ap.add_argument("--chunks", default=None, help="e.g. 0,2048,4096: CHUNK_N values to try "
+                    "(default: the table's)")
+    ap.add_argument("--variants", nargs="*", default=[], help="JSON dicts of dequant options")
+    a = ap.parse_args()
+    variants = [{}] + [json.loads(v) for v in a.variants]
+    fam = device_family(torch.device("cuda"))
+    print(f"# {torch.cuda.get_device_name()}  µs; path - cublas = dequant + chunking")
+    print(f"{'K x N':>12} {'M':>5} {'CHUNK_N':>7} {'cublas':>8} {'mm_chunks':>9} {'dequant':>8} "
+          f"{'path':>8} {'path/cublas':>11}  variant")
+    for K, N in SHAPES:
+        ws = make_weights(K, N, graph_copies(N * K // 2, most=24))
+        for M in (int(m) for m in a.ms.split(",")):
+            algo, cfg = choose_config(fam, M, K, N, GROUP)
+            if algo != "dequant":
+                cfg = dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=0)
+            cfg = {k: v for k, v in cfg.items() if k != "algo"}
+            chunks = ([int(c) for c in a.chunks.split(",")] if a.chunks
+                      else [cfg.get("CHUNK_N", 0)])
+            for c in chunks:
+                for v in variants:
+                    r = parts(K, N, M, ws, dict(cfg, CHUNK_N=c, **v))
+                    print(f"{K:>5} x {N:<5} {M:>5} {c:>7} {r['cublas']:8.1f} "
+                          f"{r['mm_chunks']:9.1f} {r['dequant']:8.1f} {r['path']:8.1f} "
+                          f"{r['path'] / r['cublas']:11.2f}  {v or ''}", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
