@@ -216,10 +216,10 @@ def test_serial_splitk_leaves_counters_zeroed():
 
 @interpreted
 def test_pdl_option_is_dropped_where_unsupported():
-    """PDL (a CUDA sm_90+ launch option the H100 table sets) is off on CPU and in the
+    """PDL (a CUDA sm_90+ launch option, VLLM_INT4XPU_PDL=1) is off on CPU and in the
     interpreter: the launchers drop it and the result is unchanged (the GPU tests run it)."""
-    from vllm_int4xpu.kernels.triton_kernels.common import pdl_supported
-    assert not pdl_supported("cpu")
+    from vllm_int4xpu.kernels.triton_kernels.common import pdl_supported, use_pdl
+    assert not pdl_supported("cpu") and not use_pdl(True, "cpu")
     w = make_weight(40, 256, 64, ZeroKind.FLOAT, torch.bfloat16)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     ref = reference_linear(x, w)

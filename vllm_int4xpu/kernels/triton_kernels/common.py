@@ -205,18 +205,26 @@ def pdl_wait(PDL: tl.constexpr):
         gdc_wait()
 
 
-ENV_PDL = "VLLM_INT4XPU_PDL"  # "0": never launch with PDL, whatever the config table says
+ENV_PDL = "VLLM_INT4XPU_PDL"  # "1": launch gemv/gemm with PDL where supported; "0": never
+_PDL_ENV = os.environ.get(ENV_PDL, "")  # read once: launches stay free of environment lookups
 
 
 @functools.lru_cache(maxsize=None)
 def pdl_supported(device) -> bool:
-    """Programmatic dependent launch: CUDA (not ROCm) sm_90+, compiled (not the interpreter),
-    and not turned off with VLLM_INT4XPU_PDL=0."""
+    """Programmatic dependent launch: CUDA (not ROCm) sm_90+, compiled (not the interpreter)."""
     import torch
     device = torch.device(device)
-    return (os.environ.get(ENV_PDL, "1") != "0" and device.type == "cuda"
-            and torch.version.hip is None and not interpreting()
+    return (device.type == "cuda" and torch.version.hip is None and not interpreting()
             and gdc_wait is not None and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def use_pdl(requested, device) -> bool:
+    """Whether a launch uses PDL: VLLM_INT4XPU_PDL=1/0 forces it on/off, else the config's PDL
+    option decides; never where unsupported. Off by default: on H100 it paid only between
+    back-to-back int4 GEMMs, not after the ordinary kernels that precede a linear layer in a
+    model (benchmarks/pdl_neighbours.py)."""
+    want = _PDL_ENV == "1" if _PDL_ENV in ("0", "1") else bool(requested)
+    return want and pdl_supported(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
                      interpreting, multiprocessors, nibble_pair_as_float, pdl_launch_next,
-                     pdl_supported, pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce,
-                     tile_counters, tile_ids, unpack_along_k)
+                     pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters,
+                     tile_ids, unpack_along_k, use_pdl)
 
 
 @triton.jit
@@ -331,7 +331,7 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
-    pdl = bool(PDL) and pdl_supported(x.device)
+    pdl = use_pdl(PDL, x.device)
     int4_gemm_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
                            ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
                            ONE_BITS, ZERO_KIND=zero_kind, HAS_BIAS=bias is not None,

@@ -26,8 +26,8 @@ from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
 from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
-                     pdl_launch_next, pdl_supported, pdl_wait, splitk_grid, splitk_reduce,
-                     splitk_serial_reduce, tile_counters, tile_ids)
+                     pdl_launch_next, pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce,
+                     tile_counters, tile_ids, use_pdl)
 
 
 @triton.jit
@@ -247,8 +247,9 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               K_FASTEST=True, PDL=False, num_warps=4, num_stages=2, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller.
 
-    PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+): the programs
-    start while the previous kernel drains and load their first weight tile before waiting."""
+    PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+; see
+    ``common.use_pdl``): the programs start while the previous kernel drains and load their
+    first weight tile before waiting."""
     M, K = x.shape
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
@@ -258,7 +259,7 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
-    pdl = bool(PDL) and pdl_supported(x.device)
+    pdl = use_pdl(PDL, x.device)
     # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
     x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
     if x_pairs:
