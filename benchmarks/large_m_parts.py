@@ -10,6 +10,8 @@ distinct weight copies that defeat the L2), prints the µs of
 * ``mm_chunks``    the same GEMM as the path issues it: one torch.mm per CHUNK_N rows of the
                    weight into column slices of the output (dense chunks prepared beforehand);
 * ``dequant``      only the dequantization, chunk by chunk into the reused buffer;
+* ``fill``         a write-only floor for it: ``fill_`` of the same buffer as often (the bf16 bytes
+                   the dequantization writes, with nothing read);
 * ``path``         the table's dequant row end to end (int4_matmul);
 
 so ``path - cublas`` splits into the dequantization and the cost of chunking the GEMM. With
@@ -49,7 +51,12 @@ def parts(K, N, M, ws, cfg):
             int4_dequantize(w.qweight, w.scales, w.zeros, 2, GROUP, torch.bfloat16, K,
                             out=buf[:rows], row0=n0, rows=rows, **dq)
 
+    def fill():
+        for n0 in range(0, N, chunk):
+            buf[:min(chunk, N - n0)].fill_(1.0)
+
     res = {"cublas": time_graph([lambda d=d: torch.nn.functional.linear(x, d) for d in dense]),
+           "fill": time_graph([fill] * len(ws)),
            "mm_chunks": time_graph([lambda d=d: mm_chunks(d) for d in dense]),
            "dequant": time_graph([lambda w=w: dequant(w) for w in ws]),
            "path": time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
@@ -70,7 +77,7 @@ def main():
     fam = device_family(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  µs; path - cublas = dequant + chunking")
     print(f"{'K x N':>12} {'M':>5} {'CHUNK_N':>7} {'cublas':>8} {'mm_chunks':>9} {'dequant':>8} "
-          f"{'path':>8} {'path/cublas':>11}  variant")
+          f"{'fill':>7} {'path':>8} {'path/cublas':>11}  variant")
     for K, N in SHAPES:
         ws = make_weights(K, N, graph_copies(N * K // 2, most=24))
         for M in (int(m) for m in a.ms.split(",")):
@@ -84,7 +91,8 @@ def main():
                 for v in variants:
                     r = parts(K, N, M, ws, dict(cfg, CHUNK_N=c, **v))
                     print(f"{K:>5} x {N:<5} {M:>5} {c:>7} {r['cublas']:8.1f} "
-                          f"{r['mm_chunks']:9.1f} {r['dequant']:8.1f} {r['path']:8.1f} "
+                          f"{r['mm_chunks']:9.1f} {r['dequant']:8.1f} {r['fill']:7.1f} "
+                          f"{r['path']:8.1f} "
                           f"{r['path'] / r['cublas']:11.2f}  {v or ''}", flush=True)
         del ws
         torch.cuda.empty_cache()
