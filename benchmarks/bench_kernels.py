@@ -163,6 +163,19 @@ def make_weights(K, N, copies):
                            zeros=w0.zeros.clone()) for _ in range(copies - 1)]
 
 
+def tuned_rows(shapes, ms, most=24):
+    """(K, N, weight copies, M, algo, cfg) per shape and M, with the dispatcher's row for it;
+    each shape's copies (enough to defeat the L2, at most ``most``) are freed after its Ms."""
+    fam = device_family(torch.device("cuda"))
+    for K, N in shapes:
+        ws = make_weights(K, N, graph_copies(N * K // 2, most=most))
+        for M in ms:
+            algo, cfg = choose_config(fam, M, K, N, GROUP)
+            yield K, N, ws, M, algo, cfg
+        del ws
+        torch.cuda.empty_cache()
+
+
 def rel_err(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_kernels import GROUP, SHAPES, graph_copies, make_weights, time_graph  # noqa: E402
-from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
+from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
+from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 from vllm_int4xpu.kernels.triton_kernels import int4_dequantize  # noqa: E402
 
 
@@ -74,28 +74,20 @@ def main():
     ap.add_argument("--variants", nargs="*", default=[], help="JSON dicts of dequant options")
     a = ap.parse_args()
     variants = [{}] + [json.loads(v) for v in a.variants]
-    fam = device_family(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  µs; path - cublas = dequant + chunking")
     print(f"{'K x N':>12} {'M':>5} {'CHUNK_N':>7} {'cublas':>8} {'mm_chunks':>9} {'dequant':>8} "
           f"{'fill':>7} {'path':>8} {'path/cublas':>11}  variant")
-    for K, N in SHAPES:
-        ws = make_weights(K, N, graph_copies(N * K // 2, most=24))
-        for M in (int(m) for m in a.ms.split(",")):
-            algo, cfg = choose_config(fam, M, K, N, GROUP)
-            if algo != "dequant":
-                cfg = dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=0)
-            cfg = {k: v for k, v in cfg.items() if k != "algo"}
-            chunks = ([int(c) for c in a.chunks.split(",")] if a.chunks
-                      else [cfg.get("CHUNK_N", 0)])
-            for c in chunks:
-                for v in variants:
-                    r = parts(K, N, M, ws, dict(cfg, CHUNK_N=c, **v))
-                    print(f"{K:>5} x {N:<5} {M:>5} {c:>7} {r['cublas']:8.1f} "
-                          f"{r['mm_chunks']:9.1f} {r['dequant']:8.1f} {r['fill']:7.1f} "
-                          f"{r['path']:8.1f} "
-                          f"{r['path'] / r['cublas']:11.2f}  {v or ''}", flush=True)
-        del ws
-        torch.cuda.empty_cache()
+    for K, N, ws, M, algo, cfg in tuned_rows(SHAPES, [int(m) for m in a.ms.split(",")]):
+        if algo != "dequant":
+            cfg = dict(algo="dequant", BLOCK_N=64, BLOCK_K=128, num_warps=4, CHUNK_N=0)
+        cfg = {k: v for k, v in cfg.items() if k != "algo"}
+        chunks = [int(c) for c in a.chunks.split(",")] if a.chunks else [cfg.get("CHUNK_N", 0)]
+        for c in chunks:
+            for v in variants:
+                r = parts(K, N, M, ws, dict(cfg, CHUNK_N=c, **v))
+                print(f"{K:>5} x {N:<5} {M:>5} {c:>7} {r['cublas']:8.1f} {r['mm_chunks']:9.1f} "
+                      f"{r['dequant']:8.1f} {r['fill']:7.1f} {r['path']:8.1f} "
+                      f"{r['path'] / r['cublas']:11.2f}  {v or ''}", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_kernels import GROUP, SHAPES, graph_copies, make_weights, time_graph  # noqa: E402
-from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
+from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
+from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 
 
 def norm_(x):
@@ -35,35 +35,29 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ms", default="1,16")
     a = ap.parse_args()
-    fam = device_family(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  µs per GEMM call (PDL off -> on, ratio)")
     print(f"{'K x N':>12} {'M':>4} {'alone off':>9} {'on':>7} {'ratio':>6} | "
           f"{'between off':>11} {'on':>7} {'ratio':>6}")
-    for K, N in SHAPES:
-        ws = make_weights(K, N, graph_copies(N * K // 2, most=24))
-        for M in (int(m) for m in a.ms.split(",")):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            algo, cfg = choose_config(fam, M, K, N, GROUP)
-            t_norm = time_graph([lambda: norm_(x) for _ in ws])
-            res = {}
-            for pdl in (False, True):
-                kw = dict(cfg, PDL=pdl)
+    for K, N, ws, M, algo, cfg in tuned_rows(SHAPES, [int(m) for m in a.ms.split(",")]):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        t_norm = time_graph([lambda: norm_(x) for _ in ws])
+        res = {}
+        for pdl in (False, True):
+            kw = dict(cfg, PDL=pdl)
 
-                def gemm(w, kw=kw):
-                    return int4_matmul(x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP,
-                                       algo=algo, **kw)
+            def gemm(w, kw=kw):
+                return int4_matmul(x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP,
+                                   algo=algo, **kw)
 
-                def both(w, gemm=gemm):
-                    norm_(x)
-                    return gemm(w)
+            def both(w, gemm=gemm):
+                norm_(x)
+                return gemm(w)
 
-                res[pdl] = (time_graph([lambda w=w: gemm(w) for w in ws]),
-                            time_graph([lambda w=w: both(w) for w in ws]) - t_norm)
-            (a0, b0), (a1, b1) = res[False], res[True]
-            print(f"{K:>5} x {N:<5} {M:>4} {a0:9.2f} {a1:7.2f} {a1 / a0:6.2f} | "
-                  f"{b0:11.2f} {b1:7.2f} {b1 / b0:6.2f}   {algo} {cfg}", flush=True)
-        del ws
-        torch.cuda.empty_cache()
+            res[pdl] = (time_graph([lambda w=w: gemm(w) for w in ws]),
+                        time_graph([lambda w=w: both(w) for w in ws]) - t_norm)
+        (a0, b0), (a1, b1) = res[False], res[True]
+        print(f"{K:>5} x {N:<5} {M:>4} {a0:9.2f} {a1:7.2f} {a1 / a0:6.2f} | "
+              f"{b0:11.2f} {b1:7.2f} {b1 / b0:6.2f}   {algo} {cfg}", flush=True)
 
 
 if __name__ == "__main__":

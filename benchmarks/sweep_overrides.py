@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_kernels import GROUP, SHAPES, graph_copies, make_weights, time_graph  # noqa: E402
-from vllm_int4xpu.kernels.triton_backend import choose_config, device_family, int4_matmul  # noqa: E402,E501
+from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
+from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 
 
 def parse_shapes(text):
@@ -33,41 +33,34 @@ def sweep(shapes, ms, variants, write=None, min_gain=0.03):
     """Time each shape's tuned row and the row with each variant's keys replaced; with ``write``
     (a table path) store a variant at least ``min_gain`` faster than the row."""
     table = json.loads(Path(write).read_text()) if write else None
-    fam = device_family(torch.device("cuda"))
     print(f"# {torch.cuda.get_device_name()}  µs (ratio to the tuned row)")
-    for K, N in shapes:
-        copies = graph_copies(N * K // 2, most=24)
-        ws = make_weights(K, N, copies)
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            algo, cfg = choose_config(fam, M, K, N, GROUP)
-            results = []
-            for v in [{}] + list(variants):
-                # a variant naming an algorithm is a whole config of its own
-                kw = dict(v) if "algo" in v else dict(cfg, **v)
-                va = kw.pop("algo", algo)
-                try:
-                    t = time_graph([lambda w=w: int4_matmul(
-                        x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=va, **kw)
-                        for w in ws])
-                except Exception as e:  # noqa: BLE001  (e.g. out of shared memory, unknown key)
-                    print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
-                    continue
-                results.append((t, v))
-                print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / results[0][0]:.2f})  {v or cfg}",
-                      flush=True)
-            if not results or results[0][1]:  # the row itself did not run: nothing to compare
-                print(f"NO BASELINE {K}x{N} M={M}", flush=True)
+    for K, N, ws, M, algo, cfg in tuned_rows(shapes, ms):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for v in [{}] + list(variants):
+            # a variant naming an algorithm is a whole config of its own
+            kw = dict(v) if "algo" in v else dict(cfg, **v)
+            va = kw.pop("algo", algo)
+            try:
+                t = time_graph([lambda w=w: int4_matmul(
+                    x, w.qweight, w.scales, w.zeros, w.zero_kind, GROUP, algo=va, **kw)
+                    for w in ws])
+            except Exception as e:  # noqa: BLE001  (e.g. out of shared memory, unknown key)
+                print(f"  skip {v}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                 continue
-            t, v = min(results, key=lambda r: r[0])
-            full = dict(v) if "algo" in v else {**cfg, "algo": algo, **v}
-            best = {k: val for k, val in full.items() if val is not None}
-            print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
-            if table is not None and t < (1 - min_gain) * results[0][0]:
-                table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
-                Path(write).write_text(json.dumps(table, indent=1) + "\n")
-        del ws
-        torch.cuda.empty_cache()
+            results.append((t, v))
+            print(f"{K:6d} {N:6d} M={M:<5d} {t:8.2f} ({t / results[0][0]:.2f})  {v or cfg}",
+                  flush=True)
+        if not results or results[0][1]:  # the row itself did not run: nothing to compare
+            print(f"NO BASELINE {K}x{N} M={M}", flush=True)
+            continue
+        t, v = min(results, key=lambda r: r[0])
+        full = dict(v) if "algo" in v else {**cfg, "algo": algo, **v}
+        best = {k: val for k, val in full.items() if val is not None}
+        print(f"BEST {K}x{N} M={M}: {t:.2f} us ({t / results[0][0]:.2f}) {best}", flush=True)
+        if table is not None and t < (1 - min_gain) * results[0][0]:
+            table.setdefault("shapes", {}).setdefault(f"{K}x{N}", {})[str(M)] = best
+            Path(write).write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main():
