@@ -1,11 +1,11 @@
-"""What programmatic dependent launch (PDL) buys next to other kernels, not only next to itself (GPU).
+"""What programmatic dependent launch (PDL) buys next to other kernels, not only itself (GPU).
 
     python3 benchmarks/pdl_neighbours.py --ms 1,16
 
-bench_kernels.py times back-to-back calls of the int4 GEMM, so with PDL each call's start overlaps
-the previous call's tail. In a model the kernel before a linear layer is something else (a norm, an
-activation), which does not trigger early. Per shape and M this prints the µs per call of the table's
-row with PDL on and off, in CUDA graphs of
+bench_kernels.py times back-to-back calls of the int4 GEMM, so with PDL each call's start
+overlaps the previous call's tail. In a model the kernel before a linear layer is something else
+(a norm, an activation), which does not trigger early. Per shape and M this prints the µs per call
+of the table's row with PDL on and off, in CUDA graphs of
 
 * ``alone``:  GEMM, GEMM, ... (one per weight copy, as bench_kernels.py);
 * ``between``: norm, GEMM, norm, GEMM, ... where the norm is an RMSNorm-like torch op on x (its own

@@ -189,9 +189,9 @@ def splitk_serial_reduce(acc, ws_ptrs, split_stride, mask, cnt_ptr, pid_k,
 @triton.jit
 def pdl_launch_next(PDL: tl.constexpr):
     """With PDL: the next kernel on the stream may launch once every program of this grid has
-    called this (kernels call it after their K loop: its programs then fill the slots this
-    grid's tail frees; called first thing, the next grids' programs took SM slots early and
-    unevenly, 1.1-1.3x slower on single-wave grids, benchmarks/results/sweep_pdl_early_trigger_h100.txt)."""
+    called this. Kernels call it after their K loop, so the next grid's programs fill the slots
+    this grid's tail frees. Called first thing, the next grids' programs took SM slots early and
+    unevenly: 1.1-1.3x slower on single-wave grids (sweep_pdl_early_trigger_h100.txt)."""
     if PDL:
         gdc_launch_dependents()
 
@@ -216,6 +216,12 @@ def pdl_supported(device) -> bool:
     device = torch.device(device)
     return (device.type == "cuda" and torch.version.hip is None and not interpreting()
             and gdc_wait is not None and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def pdl_launch_option(pdl: bool) -> dict:
+    """The launch keyword for PDL, only when on: Triton rejects keywords its backend does not
+    know, and not every backend (Intel's XPU one) need know ``launch_pdl``."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def use_pdl(requested, device) -> bool:

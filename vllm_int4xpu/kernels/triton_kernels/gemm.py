@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .common import (ONE_BITS, codes_to_float, group_of, group_scale_offset, group_shift,
                      interpreting, multiprocessors, nibble_pair_as_float, pdl_launch_next,
-                     pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce, tile_counters,
-                     tile_ids, unpack_along_k, use_pdl)
+                     pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
+                     splitk_serial_reduce, tile_counters, tile_ids, unpack_along_k, use_pdl)
 
 
 @triton.jit
@@ -293,8 +293,7 @@ def int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                        one_bits, ZERO_KIND, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K, GATHER,
                        EVEN_K, IEEE, SERIAL, GROUP_SHIFT, FRAG, NUM_WARPS, USE_ASM,
                        UNROLL, PDL, False)
-        pdl_launch_next(PDL)  # after the whole walk (triggering after the first tile measured
-        # slower: the next kernel's programs then take SM slots early, unevenly)
+        pdl_launch_next(PDL)  # after the whole walk, not after the first tile (see the helper)
     else:
         pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
         _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -339,9 +338,9 @@ def int4_gemm(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GATHER=bool(GATHER),
                            EVEN_K=K % BLOCK_K == 0, IEEE=x.dtype == torch.float32 or interpreting(),
                            SERIAL=serial, K_FASTEST=K_FASTEST, FRAG=FRAG, USE_ASM=use_asm,
-                           PERSIST=int(bool(PERSIST)), UNROLL=UNROLL, PDL=pdl, launch_pdl=pdl,
+                           PERSIST=int(bool(PERSIST)), UNROLL=UNROLL, PDL=pdl,
                            NUM_WARPS=num_warps, num_warps=num_warps,
-                           num_stages=num_stages, **extra)
+                           num_stages=num_stages, **pdl_launch_option(pdl), **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
     return out

@@ -26,8 +26,8 @@ from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
 from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
-                     pdl_launch_next, pdl_wait, splitk_grid, splitk_reduce, splitk_serial_reduce,
-                     tile_counters, tile_ids, use_pdl)
+                     pdl_launch_next, pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
+                     splitk_serial_reduce, tile_counters, tile_ids, use_pdl)
 
 
 @triton.jit
@@ -273,8 +273,9 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
                            EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
                            GROUP_SHIFT=group_shift(group, K), SERIAL=serial,
                            X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
-                           K_FASTEST=K_FASTEST, PDL=pdl, launch_pdl=pdl,
-                           num_warps=num_warps, num_stages=num_stages, **extra)
+                           K_FASTEST=K_FASTEST, PDL=pdl,
+                           num_warps=num_warps, num_stages=num_stages, **pdl_launch_option(pdl),
+                           **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
     return out
