@@ -29,31 +29,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
-from vllm_int4xpu.kernels.triton_kernels import int4_dequantize  # noqa: E402
+from vllm_int4xpu.kernels.triton_kernels import ZERO_FLOAT, int4_dequantize  # noqa: E402
 
 
 def parts(K, N, M, ws, cfg):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     chunk = cfg.get("CHUNK_N") or N
+    spans = [(n0, min(chunk, N - n0)) for n0 in range(0, N, chunk)]  # (first row, rows)
     dq = {k: v for k, v in cfg.items() if k != "CHUNK_N"}
-    dense = [int4_dequantize(w.qweight, w.scales, w.zeros, 2, GROUP, torch.bfloat16, K, **dq)
+    # make_weights' copies have float zero points
+    dense = [int4_dequantize(w.qweight, w.scales, w.zeros, ZERO_FLOAT, GROUP, torch.bfloat16, K,
+                             **dq)
              for w in ws[:2]]  # two dense copies: the weight is re-read from DRAM each call
     out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    buf = torch.empty(min(chunk, N), K, device="cuda", dtype=torch.bfloat16)
+    buf = torch.empty(spans[0][1], K, device="cuda", dtype=torch.bfloat16)
 
     def mm_chunks(d):
-        for n0 in range(0, N, chunk):
-            torch.mm(x, d[n0:n0 + chunk].t(), out=out[:, n0:n0 + chunk])
+        for n0, rows in spans:
+            torch.mm(x, d[n0:n0 + rows].t(), out=out[:, n0:n0 + rows])
 
     def dequant(w):
-        for n0 in range(0, N, chunk):
-            rows = min(chunk, N - n0)
-            int4_dequantize(w.qweight, w.scales, w.zeros, 2, GROUP, torch.bfloat16, K,
+        for n0, rows in spans:
+            int4_dequantize(w.qweight, w.scales, w.zeros, ZERO_FLOAT, GROUP, torch.bfloat16, K,
                             out=buf[:rows], row0=n0, rows=rows, **dq)
 
     def fill():
-        for n0 in range(0, N, chunk):
-            buf[:min(chunk, N - n0)].fill_(1.0)
+        for _, rows in spans:
+            buf[:rows].fill_(1.0)
 
     res = {"cublas": time_graph([lambda d=d: torch.nn.functional.linear(x, d) for d in dense]),
            "fill": time_graph([fill] * len(ws)),

@@ -248,8 +248,8 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller.
 
     PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+; see
-    ``common.use_pdl``): the programs start while the previous kernel drains and load their
-    first weight tile before waiting."""
+    ``common.use_pdl``): the programs start while the previous kernel drains; with STAGES 1
+    they load their first weight tile before waiting."""
     M, K = x.shape
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
