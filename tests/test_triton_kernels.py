@@ -228,6 +228,19 @@ def test_pdl_option_is_dropped_where_unsupported():
         assert rel(run(w, x, algo=algo, PDL=1, **cfg), ref) < TOL[torch.bfloat16]
 
 
+def test_pdl_switch_rejects_other_values(monkeypatch):
+    """VLLM_INT4XPU_PDL takes 0 or 1: anything else is our error naming the variable and value,
+    not a silently ignored setting."""
+    from vllm_int4xpu.errors import Int4FormatError
+    from vllm_int4xpu.kernels.triton_kernels import common
+    for value in ("0", "1", ""):
+        monkeypatch.setattr(common, "_PDL_ENV", value)
+        assert common.use_pdl(True, "cpu") is False  # never on CPU, and no error
+    monkeypatch.setattr(common, "_PDL_ENV", "yes")
+    with pytest.raises(Int4FormatError, match="VLLM_INT4XPU_PDL.*expected=0, 1 or unset.*'yes'"):
+        common.use_pdl(True, "cpu")
+
+
 @interpreted
 def test_large_m_path_picks_dequant():
     w = make_weight(16, 128, 64, ZeroKind.FLOAT, torch.bfloat16)

@@ -229,7 +229,11 @@ def use_pdl(requested, device) -> bool:
     option decides; never where unsupported. Off by default: on H100 it paid only between
     back-to-back int4 GEMMs, not after the ordinary kernels that precede a linear layer in a
     model (benchmarks/pdl_neighbours.py)."""
-    want = _PDL_ENV == "1" if _PDL_ENV in ("0", "1") else bool(requested)
+    if _PDL_ENV not in ("", "0", "1"):
+        from ...errors import Int4FormatError
+        raise Int4FormatError("bad value of the PDL switch", tensor=ENV_PDL,
+                              expected="0, 1 or unset", found=repr(_PDL_ENV))
+    want = _PDL_ENV == "1" if _PDL_ENV else bool(requested)
     return want and pdl_supported(device)
 
 
