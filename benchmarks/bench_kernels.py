@@ -148,11 +148,20 @@ def read_anchor_us(nbytes, copies):
 
 def have_gemlite():
     try:
-        import gemlite  # noqa: F401
-        return True
+        import gemlite
     except Exception as e:  # noqa: BLE001
         print(f"# GemLite unavailable: {type(e).__name__}: {e}")
         return False
+    # GemLite picks its shipped config by device name and ships none for the H200; without one
+    # it autotunes inside the first timed call. The H200 is an H100 chip with faster memory
+    # (sm_90, 132 SMs), so it gets GemLite's H100 table, as our own kernels get ours.
+    tag = getattr(gemlite.core, "selected_tag", None)
+    if tag is None and torch.cuda.get_device_capability() == (9, 0):
+        tag = str(Path(gemlite.__file__).with_name("configs") / "h100.json")
+        gemlite.load_config(tag)
+    print(f"# GemLite {getattr(gemlite, '__version__', '?')}, config "
+          f"{Path(tag).name if tag else 'none (autotunes on first call)'}")
+    return True
 
 
 # ------------------------------------------------------------------------------------ main
