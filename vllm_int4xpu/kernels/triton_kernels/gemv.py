@@ -25,8 +25,9 @@ import triton
 from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
-from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
-                     pdl_launch_next, pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
+from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
+                     interpreting, multiprocessors, nibble_pair_as_float, pdl_launch_next,
+                     pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
                      splitk_serial_reduce, tile_counters, tile_ids, use_pdl)
 
 
@@ -149,31 +150,16 @@ def _tile(words, s, b, k0, k_hi, acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3,
 
 
 @triton.jit
-def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
-                     stride_xm, stride_ym, stride_qn, one_bits,
-                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
-                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
-                     K_FASTEST: tl.constexpr, PDL: tl.constexpr = False):
-    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    # K range of this split, in whole tiles.
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_lo = pid_k * tiles_per_split * BLOCK_K
-    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    # EVEN_K: every prefetch start is clamped into [0, last tile of this split] (an empty
-    # trailing split re-reads tile 0 and never uses it), so no load needs a mask along K.
+def _k_range(w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
+             x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+             EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, X_PAIRS: tl.constexpr,
+             ROWS: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    """The K loop of one N tile over [k_lo, k_hi) (whole tiles; empty when k_lo >= k_hi):
+    per row of x, the accumulators (acc, acc_r) that :func:`_rows_result` turns into y."""
+    # EVEN_K: every prefetch start is clamped into [0, last tile of this range] (an empty
+    # range re-reads tile 0 and never uses it), so no load needs a mask along K.
     k_last = tl.maximum(k_hi - BLOCK_K, 0)
-    # ROWS rows of x per program share each unpacked weight tile. Rows past M re-read row M - 1
-    # (no masks in the loop) and are not stored.
-    m0 = pid_m * ROWS
-    x_row0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
-    x_row1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
-    x_row2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
-    x_row3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
     # Per row, a 2-D accumulator [BLOCK_N, BLOCK_K/32] (column c sums the code terms of the
     # thread-local run of 4 words c over tiles, see _row_fold: the one cross-lane reduction
     # along K happens after the loop) and a [BLOCK_N] one for the terms without codes.
@@ -181,7 +167,6 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
     acc0 = tl.zeros([BLOCK_N, ACC_W], dtype=tl.float32)
     acc_r0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = acc0, acc_r0, acc0, acc_r0, acc0, acc_r0
-    w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     if STAGES >= 2:
         # The compiler's software pipeline: STAGES - 1 tiles in flight through shared memory
         # (cp.async on CUDA), without holding them in registers.
@@ -214,8 +199,13 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                 x_row0, x_row1, x_row2, x_row3, offs_w, one_bits, BLOCK_N, BLOCK_K, X_PAIRS,
                 EVEN_K, ROWS)
             words, s, b = nwords, ns, nb
-    pdl_launch_next(PDL)  # the next kernel may launch into the slots our tail frees
-    # [BLOCK_N, ROWS] result: column r is row m0 + r
+    return acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3
+
+
+@triton.jit
+def _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS: tl.constexpr):
+    """[BLOCK_N, ROWS] fp32 result of :func:`_k_range`'s accumulators: column r is row m0 + r."""
+    BLOCK_N: tl.constexpr = acc0.shape[0]
     y0 = tl.sum(acc0, axis=1) + acc_r0
     if ROWS == 1:
         res = y0[:, None]
@@ -225,6 +215,56 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         lo2 = tl.join(y0, tl.sum(acc1, axis=1) + acc_r1)
         hi2 = tl.join(tl.sum(acc2, axis=1) + acc_r2, tl.sum(acc3, axis=1) + acc_r3)
         res = tl.reshape(tl.permute(tl.join(lo2, hi2), (0, 2, 1)), (BLOCK_N, 4))
+    return res
+
+
+@triton.jit
+def _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, mask, stride_ym,
+                HAS_BIAS: tl.constexpr):
+    """y[offs_m, offs_n] = res^T (+ bias), cast to y's dtype, where ``mask``."""
+    if HAS_BIAS:
+        res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptr + y_offs, res.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _x_rows(x_ptr, m0, M, stride_xm):
+    """Pointers to rows m0 .. m0 + 3 of x; rows past M re-read row M - 1 (no masks in the
+    loop; their results are never stored)."""
+    x_row0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
+    x_row1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
+    x_row2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
+    x_row3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
+    return x_row0, x_row1, x_row2, x_row3
+
+
+@triton.jit
+def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
+                     stride_xm, stride_ym, stride_qn, one_bits,
+                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
+                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+                     K_FASTEST: tl.constexpr, PDL: tl.constexpr = False):
+    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    # K range of this split, in whole tiles.
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    # ROWS rows of x per program share each unpacked weight tile.
+    m0 = pid_m * ROWS
+    x_row0, x_row1, x_row2, x_row3 = _x_rows(x_ptr, m0, M, stride_xm)
+    w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = _k_range(
+        w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
+        x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
+        GROUP_SHIFT, X_PAIRS, ROWS, STAGES, PDL)
+    pdl_launch_next(PDL)  # the next kernel may launch into the slots our tail frees
+    res = _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS)
     offs_m = m0 + tl.arange(0, ROWS)
     mask = n_mask[:, None] & (offs_m < M)[None, :]
     ws_offs = offs_m[None, :] * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
@@ -233,20 +273,107 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                                           cnt_ptr + pid_m * n_tiles + pid_n, pid_k,
                                           SPLIT_K)
     if SPLIT_K == 1 or SERIAL:
-        if HAS_BIAS:
-            res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
         done = mask if SPLIT_K == 1 else mask & ((ws_offs * 0 + count) == SPLIT_K - 1)
-        tl.store(y_ptr + y_offs, res.to(y_ptr.dtype.element_ty), mask=done)
+        _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, done, stride_ym, HAS_BIAS)
     else:  # partials to the fp32 workspace [SPLIT_K, M, N]; splitk_reduce sums them
         tl.store(ws_ptr + pid_k * M * N + ws_offs, res, mask=mask)
 
 
+@triton.jit
+def _program_of_unit(u, programs, units):
+    """The stream-K program whose unit range [p*units//programs, (p+1)*units//programs) holds
+    unit u: the largest p with p*units//programs <= u."""
+    return ((u + 1) * programs + units - 1) // units - 1
+
+
+@triton.jit
+def int4_gemv_streamk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+                             M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits, SLOTS,
+                             ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                             GROUP_SHIFT: tl.constexpr, X_PAIRS: tl.constexpr,
+                             ROWS: tl.constexpr, STAGES: tl.constexpr):
+    """Stream-K GEMV: the (N tile, K tile) units, K fastest, are cut into one equal run per
+    program, so a grid of a few programs per SM finishes together (no partial last wave).
+    A program's run covers whole N tiles, which it stores, and at its ends parts of N tiles
+    shared with its neighbours: each such part goes to the program's own fp32 slot of that
+    tile, and the program that completes the tile's unit count sums the slots in program
+    order (deterministic) and stores y, then resets the tile's counter for the next launch."""
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    units = n_tiles.to(tl.int64) * k_tiles
+    u = pid * units // programs
+    u_end = (pid + 1) * units // programs
+    m0 = pid_m * ROWS
+    x_row0, x_row1, x_row2, x_row3 = _x_rows(x_ptr, m0, M, stride_xm)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, ROWS)
+    m_ok = offs_m < M
+    slot_offs = offs_r[:, None] + tl.arange(0, ROWS)[None, :] * BLOCK_N  # a slot: [ROWS, BN]
+    while u < u_end:  # one N tile per pass: [u, seg_end) is this program's part of it
+        tn = (u // k_tiles).to(tl.int32)
+        t0 = tn.to(tl.int64) * k_tiles  # the tile's first unit
+        seg_end = tl.minimum(t0 + k_tiles, u_end)
+        k_lo = ((u - t0) * BLOCK_K).to(tl.int32)
+        k_hi = tl.minimum(((seg_end - t0) * BLOCK_K).to(tl.int32), K)
+        offs_n = tn * BLOCK_N + offs_r
+        n_mask = offs_n < N
+        w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+        acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = _k_range(
+            w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
+            x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND, BLOCK_N, BLOCK_K, EVEN_K,
+            EVEN_N, GROUP_SHIFT, X_PAIRS, ROWS, STAGES, False)
+        res = _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS)
+        mask = n_mask[:, None] & m_ok[None, :]
+        part = (seg_end - u).to(tl.int32)
+        if part == k_tiles:  # the whole tile is ours
+            _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, mask, stride_ym, HAS_BIAS)
+        else:
+            first = _program_of_unit(t0, programs, units)
+            tile_id = pid_m * n_tiles + tn
+            slots = ws_ptr + (tile_id.to(tl.int64) * SLOTS) * (BLOCK_N * ROWS) + slot_offs
+            tl.store(slots + (pid - first) * (BLOCK_N * ROWS), res)
+            tl.debug_barrier()  # all of this program's partial stores are issued first
+            count = tl.atomic_add(cnt_ptr + tile_id, part, sem="acq_rel", scope="gpu")
+            if count + part == k_tiles:  # the tile's last part: sum every slot, in order
+                last = _program_of_unit(t0 + k_tiles - 1, programs, units)
+                total = tl.zeros_like(res)
+                for j in range(0, last - first + 1):
+                    total += tl.load(slots + j * (BLOCK_N * ROWS), cache_modifier=".cg")
+                _store_rows(y_ptr, bias_ptr, total, offs_n, n_mask, offs_m, mask, stride_ym,
+                            HAS_BIAS)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
+        u = seg_end
+
+
+def streamk_layout(N: int, K: int, M: int, BLOCK_N: int, BLOCK_K: int, ROWS: int, stream: int,
+                   sms: int):
+    """(programs, slots per N tile) of a stream-K launch with ``stream`` programs per SM, or
+    None where it cannot run (more (M block, N tile) counters than the shared buffer holds).
+
+    Programs never outnumber the units, so every program has at least units // programs >= 1
+    of them, and an N tile of k_tiles units meets at most (k_tiles - 1) // that + 2 programs."""
+    n_tiles, k_tiles = triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K)
+    if triton.cdiv(M, ROWS) * n_tiles > MAX_TILES:
+        return None
+    units = n_tiles * k_tiles
+    programs = max(1, min(units, int(stream) * sms))
+    return programs, (k_tiles - 1) // (units // programs) + 2
+
+
 def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, SERIAL=True, ROWS=1, STAGES=1,
-              K_FASTEST=True, PDL=False, num_warps=4, num_stages=2, **extra):
+              K_FASTEST=True, PDL=False, STREAM=0, num_warps=4, num_stages=2, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller.
 
+    STREAM = P > 0: stream-K, P programs per SM sharing the units evenly
+    (:func:`int4_gemv_streamk_kernel`; SPLIT_K, SERIAL, K_FASTEST and PDL do not apply; under
+    the interpreter P programs in all, so that they share tiles).
     PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+; see
     ``common.use_pdl``): the programs start while the previous kernel drains; with STAGES 1
     they load their first weight tile before waiting."""
@@ -254,28 +381,37 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
     assert ROWS in (1, 2, 4), ROWS
-    grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS),
-                                          SPLIT_K, SERIAL, K_FASTEST)
-    ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
-                                              dtype=torch.float32)
-    cnt = tile_counters(x.device) if serial else ws
-    pdl = use_pdl(PDL, x.device)
     # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
     x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
     if x_pairs:
         if x.stride(-1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # not pair-aligned
             x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
         x = x.view(torch.int32)
-    int4_gemv_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
-                           ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
-                           ONE_BITS, ZERO_KIND=zero_kind, HAS_BIAS=bias is not None,
-                           SPLIT_K=SPLIT_K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                           EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
-                           GROUP_SHIFT=group_shift(group, K), SERIAL=serial,
-                           X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
-                           K_FASTEST=K_FASTEST, PDL=pdl,
-                           num_warps=num_warps, num_stages=num_stages, **pdl_launch_option(pdl),
-                           **extra)
+    common = dict(ZERO_KIND=zero_kind, HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N,
+                  BLOCK_K=BLOCK_K, EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
+                  GROUP_SHIFT=group_shift(group, K), X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
+                  num_warps=num_warps, num_stages=num_stages, **extra)
+    bias_arg = bias if bias is not None else scales
+    layout = STREAM and streamk_layout(N, K, M, BLOCK_N, BLOCK_K, ROWS, STREAM,
+                                       1 if interpreting() else multiprocessors(x.device))
+    if layout:
+        programs, slots = layout
+        ws = torch.empty(triton.cdiv(M, ROWS) * triton.cdiv(N, BLOCK_N) * slots * BLOCK_N * ROWS,
+                         device=x.device, dtype=torch.float32)
+        int4_gemv_streamk_kernel[(programs, triton.cdiv(M, ROWS))](
+            x, qweight, scales, zeros, bias_arg, out, ws, tile_counters(x.device), M, N, K, group,
+            x.stride(0), out.stride(0), qweight.stride(0), ONE_BITS, slots, **common)
+        return out
+    grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS),
+                                          SPLIT_K, SERIAL, K_FASTEST)
+    ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
+                                              dtype=torch.float32)
+    cnt = tile_counters(x.device) if serial else ws
+    pdl = use_pdl(PDL, x.device)
+    int4_gemv_kernel[grid](x, qweight, scales, zeros, bias_arg, out, ws, cnt, M, N, K, group,
+                           x.stride(0), out.stride(0), qweight.stride(0), ONE_BITS,
+                           SPLIT_K=SPLIT_K, SERIAL=serial, K_FASTEST=K_FASTEST, PDL=pdl,
+                           **pdl_launch_option(pdl), **common)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
     return out
