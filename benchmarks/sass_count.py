@@ -98,7 +98,6 @@ def main():
     ap.add_argument("--stages", type=int, default=1,
                     help="gemv: 1 = register double buffering, >= 2 = the compiler's pipeline")
     ap.add_argument("--rows", type=int, default=1, help="gemv: rows of x per program (1, 2, 4)")
-    ap.add_argument("--stream", action="store_true", help="gemv: the stream-K kernel")
     ap.add_argument("--frag", type=int, default=0, choices=(0, 1, 2),
                     help="gemm: 0 = interleaving unpack + shared-memory move, 1 = fragment order, "
                          "2 = fragment order with packed bf16 pairs (inline PTX)")
@@ -114,13 +113,7 @@ def main():
                   PDL=a.pdl)
     if a.m == 1:
         common["M"] = 1
-    if a.kernel == "gemv" and a.stream:
-        fn = gemv.int4_gemv_streamk_kernel
-        cex = {k: v for k, v in common.items() if k not in ("SPLIT_K", "SERIAL", "PDL")}
-        cex.update(EVEN_N=True, X_PAIRS=1, ROWS=a.rows, STAGES=a.stages)
-        POINTERS["x_ptr"] = "*i32"
-        weights = a.block_n * a.block_k
-    elif a.kernel == "gemv":
+    if a.kernel == "gemv":
         fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,
                                               K_FASTEST=True,
                                               STAGES=a.stages)

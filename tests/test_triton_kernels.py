@@ -89,10 +89,6 @@ ALGOS = {
     "gemm_unroll2": ("gemm", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, UNROLL=2)),
     "gemm_persist_frag": ("gemm", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, FRAG=2,
                                        PERSIST=1)),
-    # stream-K: 5 / 7 programs share 3 / 5 N tiles of 8 / 4 K tiles (parts at both ends)
-    "gemv_stream": ("gemv", dict(BLOCK_N=16, BLOCK_K=64, STREAM=5)),
-    "gemv_stream_rows2_pipelined": ("gemv", dict(BLOCK_N=8, BLOCK_K=128, STREAM=7, ROWS=2,
-                                                 STAGES=3)),
     "dequant": ("dequant", dict(BLOCK_N=16, BLOCK_K=64)),
     "dequant_chunked": ("dequant", dict(BLOCK_N=16, BLOCK_K=64, CHUNK_N=16)),
 }

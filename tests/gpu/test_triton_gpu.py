@@ -57,10 +57,6 @@ ALGOS = {
     "gemm_persist_pdl": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, FRAG=2,
                              PERSIST=3, PDL=1),
     "gemm_big": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8),
-    # stream-K: STREAM programs per SM share the (N tile, K tile) units evenly
-    "gemv_stream": dict(BLOCK_N=32, BLOCK_K=128, STREAM=2, num_warps=2),
-    "gemv_stream_pipelined": dict(BLOCK_N=64, BLOCK_K=64, STREAM=1, STAGES=3),
-    "gemv_stream_rows4": dict(BLOCK_N=16, BLOCK_K=128, STREAM=3, ROWS=4, num_warps=2),
     "dequant": dict(BLOCK_N=64, BLOCK_K=128),
     "dequant_chunked": dict(BLOCK_N=64, BLOCK_K=128, CHUNK_N=64),
 }
@@ -133,40 +129,6 @@ def test_dispatch_backend_act_order_graph(M):
         g_.replay()
         torch.cuda.synchronize()
         assert rel(y, reference_linear(x, w)) < TOL[torch.bfloat16], (M, zk)
-
-
-@pytest.mark.parametrize("stream,shape", [(1, (4096, 4096)), (4, (4096, 4096)),
-                                          (3, (14336, 1024)), (8, (1024, 520))])
-def test_stream_k_is_deterministic_in_a_graph(stream, shape):
-    """Stream-K: the programs that share an N tile meet through fp32 slots and a counter. Any
-    ordering bug (a slot read before it is written, a counter left non-zero) shows as a result
-    that moves between replays or leaves the float64 oracle; the slots are summed in program
-    order, so replays must agree bit for bit."""
-    K, N = shape
-    w = make(N, K, 128, ZeroKind.INT, torch.bfloat16, seed=stream).to("cuda")
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-
-    def call():
-        return int4_matmul(x, w.qweight, w.scales, w.zeros, ZeroKind.INT, 128, algo="gemv",
-                           BLOCK_N=64, BLOCK_K=128, STREAM=stream, num_warps=2)
-
-    first = call()
-    assert rel(first, reference_linear(x, w)) < TOL[torch.bfloat16]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        call()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        ys = [call() for _ in range(8)]
-    for _ in range(25):
-        g.replay()
-        torch.cuda.synchronize()
-        for y in ys:
-            assert torch.equal(y, first)
-    from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
-    assert int(tile_counters(x.device).abs().sum()) == 0
 
 
 PDL_CHAIN = {"gemv": dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=2),

@@ -25,9 +25,8 @@ import triton
 from triton import next_power_of_2 as triton_next_pow2
 import triton.language as tl
 
-from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
-                     interpreting, multiprocessors, nibble_pair_as_float, pdl_launch_next,
-                     pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
+from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, nibble_pair_as_float,
+                     pdl_launch_next, pdl_launch_option, pdl_wait, splitk_grid, splitk_reduce,
                      splitk_serial_reduce, tile_counters, tile_ids, use_pdl)
 
 
@@ -279,101 +278,11 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
         tl.store(ws_ptr + pid_k * M * N + ws_offs, res, mask=mask)
 
 
-@triton.jit
-def _program_of_unit(u, programs, units):
-    """The stream-K program whose unit range [p*units//programs, (p+1)*units//programs) holds
-    unit u: the largest p with p*units//programs <= u."""
-    return ((u + 1) * programs + units - 1) // units - 1
-
-
-@triton.jit
-def int4_gemv_streamk_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-                             M, N, K, GROUP, stride_xm, stride_ym, stride_qn, one_bits, SLOTS,
-                             ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                             GROUP_SHIFT: tl.constexpr, X_PAIRS: tl.constexpr,
-                             ROWS: tl.constexpr, STAGES: tl.constexpr):
-    """Stream-K GEMV: the (N tile, K tile) units, K fastest, are cut into one equal run per
-    program, so a grid of a few programs per SM finishes together (no partial last wave).
-    A program's run covers whole N tiles, which it stores, and at its ends parts of N tiles
-    shared with its neighbours: each such part goes to the program's own fp32 slot of that
-    tile, and the program that completes the tile's unit count sums the slots in program
-    order (deterministic) and stores y, then resets the tile's counter for the next launch."""
-    pid = tl.program_id(0).to(tl.int64)
-    programs = tl.num_programs(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    units = n_tiles.to(tl.int64) * k_tiles
-    u = pid * units // programs
-    u_end = (pid + 1) * units // programs
-    m0 = pid_m * ROWS
-    x_row0, x_row1, x_row2, x_row3 = _x_rows(x_ptr, m0, M, stride_xm)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    offs_r = tl.arange(0, BLOCK_N)
-    offs_m = m0 + tl.arange(0, ROWS)
-    m_ok = offs_m < M
-    slot_offs = offs_r[:, None] + tl.arange(0, ROWS)[None, :] * BLOCK_N  # a slot: [ROWS, BN]
-    while u < u_end:  # one N tile per pass: [u, seg_end) is this program's part of it
-        tn = (u // k_tiles).to(tl.int32)
-        t0 = tn.to(tl.int64) * k_tiles  # the tile's first unit
-        seg_end = tl.minimum(t0 + k_tiles, u_end)
-        k_lo = ((u - t0) * BLOCK_K).to(tl.int32)
-        k_hi = tl.minimum(((seg_end - t0) * BLOCK_K).to(tl.int32), K)
-        offs_n = tn * BLOCK_N + offs_r
-        n_mask = offs_n < N
-        w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
-        acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = _k_range(
-            w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
-            x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND, BLOCK_N, BLOCK_K, EVEN_K,
-            EVEN_N, GROUP_SHIFT, X_PAIRS, ROWS, STAGES, False)
-        res = _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS)
-        mask = n_mask[:, None] & m_ok[None, :]
-        part = (seg_end - u).to(tl.int32)
-        if part == k_tiles:  # the whole tile is ours
-            _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, mask, stride_ym, HAS_BIAS)
-        else:
-            first = _program_of_unit(t0, programs, units)
-            tile_id = pid_m * n_tiles + tn
-            slots = ws_ptr + (tile_id.to(tl.int64) * SLOTS) * (BLOCK_N * ROWS) + slot_offs
-            tl.store(slots + (pid - first) * (BLOCK_N * ROWS), res)
-            tl.debug_barrier()  # all of this program's partial stores are issued first
-            count = tl.atomic_add(cnt_ptr + tile_id, part, sem="acq_rel", scope="gpu")
-            if count + part == k_tiles:  # the tile's last part: sum every slot, in order
-                last = _program_of_unit(t0 + k_tiles - 1, programs, units)
-                total = tl.zeros_like(res)
-                for j in range(0, last - first + 1):
-                    total += tl.load(slots + j * (BLOCK_N * ROWS), cache_modifier=".cg")
-                _store_rows(y_ptr, bias_ptr, total, offs_n, n_mask, offs_m, mask, stride_ym,
-                            HAS_BIAS)
-                tl.atomic_xchg(cnt_ptr + tile_id, 0, sem="relaxed", scope="gpu")
-        u = seg_end
-
-
-def streamk_layout(N: int, K: int, M: int, BLOCK_N: int, BLOCK_K: int, ROWS: int, stream: int,
-                   sms: int):
-    """(programs, slots per N tile) of a stream-K launch with ``stream`` programs per SM, or
-    None where it cannot run (more (M block, N tile) counters than the shared buffer holds).
-
-    Programs never outnumber the units, so every program has at least units // programs >= 1
-    of them, and an N tile of k_tiles units meets at most (k_tiles - 1) // that + 2 programs."""
-    n_tiles, k_tiles = triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K)
-    if triton.cdiv(M, ROWS) * n_tiles > MAX_TILES:
-        return None
-    units = n_tiles * k_tiles
-    programs = max(1, min(units, int(stream) * sms))
-    return programs, (k_tiles - 1) // (units // programs) + 2
-
-
 def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
               BLOCK_N=32, BLOCK_K=256, SPLIT_K=1, SERIAL=True, ROWS=1, STAGES=1,
-              K_FASTEST=True, PDL=False, STREAM=0, num_warps=4, num_stages=2, **extra):
+              K_FASTEST=True, PDL=False, num_warps=4, num_stages=2, **extra):
     """out [M, N] = x [M, K] @ W^T (+ bias). ``out`` is preallocated by the caller.
 
-    STREAM = P > 0: stream-K, P programs per SM sharing the units evenly
-    (:func:`int4_gemv_streamk_kernel`; SPLIT_K, SERIAL, K_FASTEST and PDL do not apply; under
-    the interpreter P programs in all, so that they share tiles).
     PDL: launch as a programmatic dependent launch where supported (CUDA sm_90+; see
     ``common.use_pdl``): the programs start while the previous kernel drains; with STAGES 1
     they load their first weight tile before waiting."""
@@ -381,37 +290,28 @@ def int4_gemv(x, qweight, scales, zeros, zero_kind: int, group: int, bias, out,
     N = qweight.shape[0]
     ROWS = min(ROWS, triton_next_pow2(M))  # 1, 2 or 4 rows of x per program
     assert ROWS in (1, 2, 4), ROWS
-    # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
-    x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
-    if x_pairs:
-        if x.stride(-1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # not pair-aligned
-            x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
-        x = x.view(torch.int32)
-    common = dict(ZERO_KIND=zero_kind, HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N,
-                  BLOCK_K=BLOCK_K, EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
-                  GROUP_SHIFT=group_shift(group, K), X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
-                  num_warps=num_warps, num_stages=num_stages, **extra)
-    bias_arg = bias if bias is not None else scales
-    layout = STREAM and streamk_layout(N, K, M, BLOCK_N, BLOCK_K, ROWS, STREAM,
-                                       1 if interpreting() else multiprocessors(x.device))
-    if layout:
-        programs, slots = layout
-        ws = torch.empty(triton.cdiv(M, ROWS) * triton.cdiv(N, BLOCK_N) * slots * BLOCK_N * ROWS,
-                         device=x.device, dtype=torch.float32)
-        int4_gemv_streamk_kernel[(programs, triton.cdiv(M, ROWS))](
-            x, qweight, scales, zeros, bias_arg, out, ws, tile_counters(x.device), M, N, K, group,
-            x.stride(0), out.stride(0), qweight.stride(0), ONE_BITS, slots, **common)
-        return out
     grid, serial, K_FASTEST = splitk_grid(triton.cdiv(N, BLOCK_N), triton.cdiv(M, ROWS),
                                           SPLIT_K, SERIAL, K_FASTEST)
     ws = out if SPLIT_K == 1 else torch.empty((SPLIT_K, M, N), device=x.device,
                                               dtype=torch.float32)
     cnt = tile_counters(x.device) if serial else ws
     pdl = use_pdl(PDL, x.device)
-    int4_gemv_kernel[grid](x, qweight, scales, zeros, bias_arg, out, ws, cnt, M, N, K, group,
-                           x.stride(0), out.stride(0), qweight.stride(0), ONE_BITS,
-                           SPLIT_K=SPLIT_K, SERIAL=serial, K_FASTEST=K_FASTEST, PDL=pdl,
-                           **pdl_launch_option(pdl), **common)
+    # bf16 / fp16 activations are read as int32 pairs (one load per two channels)
+    x_pairs = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
+    if x_pairs:
+        if x.stride(-1) != 1 or x.stride(0) % 2 or x.storage_offset() % 2:  # not pair-aligned
+            x = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+        x = x.view(torch.int32)
+    int4_gemv_kernel[grid](x, qweight, scales, zeros, bias if bias is not None else scales, out,
+                           ws, cnt, M, N, K, group, x.stride(0), out.stride(0), qweight.stride(0),
+                           ONE_BITS, ZERO_KIND=zero_kind, HAS_BIAS=bias is not None,
+                           SPLIT_K=SPLIT_K, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                           EVEN_K=K % BLOCK_K == 0, EVEN_N=N % BLOCK_N == 0,
+                           GROUP_SHIFT=group_shift(group, K), SERIAL=serial,
+                           X_PAIRS=x_pairs, ROWS=ROWS, STAGES=STAGES,
+                           K_FASTEST=K_FASTEST, PDL=pdl,
+                           num_warps=num_warps, num_stages=num_stages, **pdl_launch_option(pdl),
+                           **extra)
     if SPLIT_K > 1 and not serial:
         splitk_reduce(ws, bias, out)
     return out
