@@ -149,16 +149,31 @@ def _tile(words, s, b, k0, k_hi, acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3,
 
 
 @triton.jit
-def _k_range(w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
-             x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-             EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, X_PAIRS: tl.constexpr,
-             ROWS: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-    """The K loop of one N tile over [k_lo, k_hi) (whole tiles; empty when k_lo >= k_hi):
-    per row of x, the accumulators (acc, acc_r) that :func:`_rows_result` turns into y."""
-    # EVEN_K: every prefetch start is clamped into [0, last tile of this range] (an empty
-    # range re-reads tile 0 and never uses it), so no load needs a mask along K.
+def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
+                     stride_xm, stride_ym, stride_qn, one_bits,
+                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
+                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+                     K_FASTEST: tl.constexpr, PDL: tl.constexpr = False):
+    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    # K range of this split, in whole tiles.
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    # EVEN_K: every prefetch start is clamped into [0, last tile of this split] (an empty
+    # trailing split re-reads tile 0 and never uses it), so no load needs a mask along K.
     k_last = tl.maximum(k_hi - BLOCK_K, 0)
+    # ROWS rows of x per program share each unpacked weight tile. Rows past M re-read row M - 1
+    # (no masks in the loop) and are not stored.
+    m0 = pid_m * ROWS
+    x_row0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
+    x_row1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
+    x_row2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
+    x_row3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
     # Per row, a 2-D accumulator [BLOCK_N, BLOCK_K/32] (column c sums the code terms of the
     # thread-local run of 4 words c over tiles, see _row_fold: the one cross-lane reduction
     # along K happens after the loop) and a [BLOCK_N] one for the terms without codes.
@@ -166,6 +181,7 @@ def _k_range(w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs
     acc0 = tl.zeros([BLOCK_N, ACC_W], dtype=tl.float32)
     acc_r0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = acc0, acc_r0, acc0, acc_r0, acc0, acc_r0
+    w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     if STAGES >= 2:
         # The compiler's software pipeline: STAGES - 1 tiles in flight through shared memory
         # (cp.async on CUDA), without holding them in registers.
@@ -198,13 +214,8 @@ def _k_range(w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs
                 x_row0, x_row1, x_row2, x_row3, offs_w, one_bits, BLOCK_N, BLOCK_K, X_PAIRS,
                 EVEN_K, ROWS)
             words, s, b = nwords, ns, nb
-    return acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3
-
-
-@triton.jit
-def _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS: tl.constexpr):
-    """[BLOCK_N, ROWS] fp32 result of :func:`_k_range`'s accumulators: column r is row m0 + r."""
-    BLOCK_N: tl.constexpr = acc0.shape[0]
+    pdl_launch_next(PDL)  # the next kernel may launch into the slots our tail frees
+    # [BLOCK_N, ROWS] result: column r is row m0 + r
     y0 = tl.sum(acc0, axis=1) + acc_r0
     if ROWS == 1:
         res = y0[:, None]
@@ -214,56 +225,6 @@ def _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS: t
         lo2 = tl.join(y0, tl.sum(acc1, axis=1) + acc_r1)
         hi2 = tl.join(tl.sum(acc2, axis=1) + acc_r2, tl.sum(acc3, axis=1) + acc_r3)
         res = tl.reshape(tl.permute(tl.join(lo2, hi2), (0, 2, 1)), (BLOCK_N, 4))
-    return res
-
-
-@triton.jit
-def _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, mask, stride_ym,
-                HAS_BIAS: tl.constexpr):
-    """y[offs_m, offs_n] = res^T (+ bias), cast to y's dtype, where ``mask``."""
-    if HAS_BIAS:
-        res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    tl.store(y_ptr + y_offs, res.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _x_rows(x_ptr, m0, M, stride_xm):
-    """Pointers to rows m0 .. m0 + 3 of x; rows past M re-read row M - 1 (no masks in the
-    loop; their results are never stored)."""
-    x_row0 = x_ptr + tl.minimum(m0, M - 1).to(tl.int64) * stride_xm
-    x_row1 = x_ptr + tl.minimum(m0 + 1, M - 1).to(tl.int64) * stride_xm
-    x_row2 = x_ptr + tl.minimum(m0 + 2, M - 1).to(tl.int64) * stride_xm
-    x_row3 = x_ptr + tl.minimum(m0 + 3, M - 1).to(tl.int64) * stride_xm
-    return x_row0, x_row1, x_row2, x_row3
-
-
-@triton.jit
-def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, GROUP,
-                     stride_xm, stride_ym, stride_qn, one_bits,
-                     ZERO_KIND: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, GROUP_SHIFT: tl.constexpr, SERIAL: tl.constexpr,
-                     X_PAIRS: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
-                     K_FASTEST: tl.constexpr, PDL: tl.constexpr = False):
-    pid_n, pid_m, pid_k, n_tiles = tile_ids(K_FASTEST)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    # K range of this split, in whole tiles.
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_lo = pid_k * tiles_per_split * BLOCK_K
-    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    # ROWS rows of x per program share each unpacked weight tile.
-    m0 = pid_m * ROWS
-    x_row0, x_row1, x_row2, x_row3 = _x_rows(x_ptr, m0, M, stride_xm)
-    w_rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
-    acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3 = _k_range(
-        w_rows, s_ptr, z_ptr, k_lo, k_hi, K, N, GROUP, offs_n, n_mask, offs_w,
-        x_row0, x_row1, x_row2, x_row3, one_bits, ZERO_KIND, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
-        GROUP_SHIFT, X_PAIRS, ROWS, STAGES, PDL)
-    pdl_launch_next(PDL)  # the next kernel may launch into the slots our tail frees
-    res = _rows_result(acc0, acc_r0, acc1, acc_r1, acc2, acc_r2, acc3, acc_r3, ROWS)
     offs_m = m0 + tl.arange(0, ROWS)
     mask = n_mask[:, None] & (offs_m < M)[None, :]
     ws_offs = offs_m[None, :] * N + offs_n[:, None]  # workspace [SPLIT_K, M, N]
@@ -272,8 +233,11 @@ def int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, cnt_p
                                           cnt_ptr + pid_m * n_tiles + pid_n, pid_k,
                                           SPLIT_K)
     if SPLIT_K == 1 or SERIAL:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
         done = mask if SPLIT_K == 1 else mask & ((ws_offs * 0 + count) == SPLIT_K - 1)
-        _store_rows(y_ptr, bias_ptr, res, offs_n, n_mask, offs_m, done, stride_ym, HAS_BIAS)
+        tl.store(y_ptr + y_offs, res.to(y_ptr.dtype.element_ty), mask=done)
     else:  # partials to the fp32 workspace [SPLIT_K, M, N]; splitk_reduce sums them
         tl.store(ws_ptr + pid_k * M * N + ws_offs, res, mask=mask)
 
