@@ -261,3 +261,124 @@ def permute_input_channels(w: Int4Weight, perm: torch.Tensor) -> Int4Weight:
     codes = unpack_int4(w.qweight)[:, perm.to(w.qweight.device)]
     return replace(w, qweight=pack_int4(codes), scales=w.scales[rows].contiguous(),
                    zeros=None if w.zeros is None else w.zeros[rows].contiguous(), g_idx=None)
+
+
+# ---------------------------------------------------------------------------- mixture of experts
+_ZERO_RANK = {ZeroKind.NONE: 0, ZeroKind.INT: 1, ZeroKind.FLOAT: 2}
+
+
+def with_zero_kind(w: Int4Weight, kind: ZeroKind) -> Int4Weight:
+    """The same weight with its zero points in a wider kind (none -> int -> float), exactly:
+    none is int zp 8; int zp becomes the float z = (8 - zp) * s (in fp32, so w is unchanged)."""
+    kind = ZeroKind(kind)
+    if w.zero_kind == kind:
+        return w
+    if _ZERO_RANK[kind] < _ZERO_RANK[w.zero_kind]:
+        raise ValueError(f"cannot narrow zero points from {w.zero_kind.value} to {kind.value}")
+    if kind == ZeroKind.INT:  # from none
+        return replace(w, zeros=torch.full(w.scales.shape, 8, dtype=torch.int8,
+                                           device=w.scales.device), zero_kind=kind)
+    zp = (torch.full(w.scales.shape, 8.0, device=w.scales.device) if w.zeros is None
+          else w.zeros.to(torch.float32))
+    return replace(w, zeros=(8.0 - zp) * w.scales.to(torch.float32), zero_kind=kind)
+
+
+def widest_zero_kind(weights) -> ZeroKind:
+    """The zero-point kind that holds every weight of ``weights`` exactly."""
+    return max((ZeroKind(w.zero_kind) for w in weights), key=_ZERO_RANK.__getitem__)
+
+
+@dataclass
+class Int4Experts:
+    """The canonical weights of E experts of one MoE projection, stacked on a leading dim:
+    ``qweight`` [E, N, K/8], ``scales`` [E, G, N], ``zeros`` [E, G, N] or None, ``g_idx`` [E, K]
+    or None; every expert has the same shapes, group size and zero-point kind (see :meth:`stack`).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    zero_kind: ZeroKind
+    group_size: int
+    in_features: int
+    out_features: int
+    g_idx: Optional[torch.Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def expert(self, e: int) -> Int4Weight:
+        return Int4Weight(qweight=self.qweight[e], scales=self.scales[e],
+                          zeros=None if self.zeros is None else self.zeros[e],
+                          zero_kind=self.zero_kind, group_size=self.group_size,
+                          in_features=self.in_features, out_features=self.out_features,
+                          g_idx=None if self.g_idx is None else self.g_idx[e])
+
+    def experts(self) -> list[Int4Weight]:
+        return [self.expert(e) for e in range(self.num_experts)]
+
+    @classmethod
+    def stack(cls, weights, zero_kind: Optional[ZeroKind] = None) -> "Int4Experts":
+        """Stack per-expert weights. Experts whose zero points differ in kind (a GPTQ expert whose
+        zero points are all 8 loads as symmetric) are widened exactly to ``zero_kind`` (default:
+        the widest present); float zero points are then kept in fp32. When any expert has an
+        act-order ``g_idx``, the others get their trivial one (k // group_size)."""
+        weights = list(weights)
+        if not weights:
+            raise Int4FormatError("no experts to stack", tensor="experts", expected=">= 1", found=0)
+        kind = ZeroKind(zero_kind) if zero_kind is not None else widest_zero_kind(weights)
+        w0 = weights[0]
+        for e, w in enumerate(weights):
+            if (w.in_features, w.out_features, w.group_size) != (w0.in_features, w0.out_features,
+                                                                 w0.group_size):
+                raise Int4FormatError("experts of one projection differ in shape or group size",
+                                      tensor=f"experts.{e}",
+                                      expected=[w0.out_features, w0.in_features, w0.group_size],
+                                      found=[w.out_features, w.in_features, w.group_size])
+        mixed_float = kind == ZeroKind.FLOAT and any(w.zero_kind != ZeroKind.FLOAT for w in weights)
+        ws = [with_zero_kind(w, kind) for w in weights]
+        if mixed_float:
+            ws = [replace(w, zeros=w.zeros.to(torch.float32)) for w in ws]
+        any_g = any(w.g_idx is not None for w in ws)
+        g_idx = None
+        if any_g:
+            g_idx = torch.stack([w.g_idx.to(torch.int32) if w.g_idx is not None
+                                 else (torch.arange(w.in_features, device=w.qweight.device)
+                                       // w.group_size).to(torch.int32) for w in ws])
+        rows = {tuple(w.scales.shape) for w in ws}
+        if len(rows) > 1:
+            raise Int4FormatError("experts of one projection have different scale tables",
+                                  tensor="experts.scales", expected="one shape",
+                                  found=sorted(rows))
+        return cls(qweight=torch.stack([w.qweight for w in ws]),
+                   scales=torch.stack([w.scales for w in ws]),
+                   zeros=None if kind == ZeroKind.NONE else torch.stack([w.zeros for w in ws]),
+                   zero_kind=kind, group_size=w0.group_size, in_features=w0.in_features,
+                   out_features=w0.out_features, g_idx=g_idx)
+
+
+def moe_activation(h: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """Gated activation of a fused gate_up output [M, 2I] (gate first): act(gate) * up."""
+    gate, up = h.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if activation == "gelu":
+        return torch.nn.functional.gelu(gate) * up
+    raise Int4FormatError("unsupported MoE activation", tensor="activation",
+                          expected=["silu", "gelu"], found=activation)
+
+
+def reference_moe(x: torch.Tensor, w13: Int4Experts, w2: Int4Experts, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str = "silu",
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The MoE oracle: y[m] = Σ_j topk_weights[m, j] · down_e(act(gate_up_e(x[m]))), e =
+    topk_ids[m, j], every expert dequantized and computed in ``dtype`` (float64 = test oracle)."""
+    y = torch.zeros(x.shape[0], w2.out_features, dtype=dtype, device=x.device)
+    xd = x.to(dtype)
+    for e in torch.unique(topk_ids).tolist():
+        rows, slot = torch.nonzero(topk_ids == e, as_tuple=True)
+        h = xd[rows] @ dequantize(w13.expert(e), dtype).t()
+        o = moe_activation(h, activation) @ dequantize(w2.expert(e), dtype).t()
+        y.index_add_(0, rows, o * topk_weights[rows, slot].to(dtype)[:, None])
+    return y

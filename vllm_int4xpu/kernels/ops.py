@@ -1,4 +1,5 @@
-"""The one torch custom op every backend is called through: ``torch.ops.int4xpu.linear``.
+"""The torch custom ops every backend is called through: ``torch.ops.int4xpu.linear`` (linear
+layers) and ``torch.ops.int4xpu.moe`` (fused-MoE layers).
 
 Opaque to torch.compile / vLLM's compiled mode (a fake implementation gives the output shape),
 and free of Python side effects, so graphs capture it safely.
@@ -49,3 +50,34 @@ def int4_linear(x: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str,
                 spec: Int4LinearSpec, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) through the chosen backend's prepared tensors."""
     return torch.ops.int4xpu.linear(x, list(tensors), bias, backend, spec.key())
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_kernel(backend: str, spec_key: str):
+    from .moe_base import Int4MoESpec
+    return load_backend(backend, True)(Int4MoESpec.from_key(spec_key))
+
+
+def _moe_impl(x: torch.Tensor, tensors: list[torch.Tensor], topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, backend: str, spec_key: str) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = _moe_kernel(backend, spec_key).apply(tensors, x2, topk_weights, topk_ids)
+    return y.reshape(x.shape)
+
+
+def _moe_fake(x, tensors, topk_weights, topk_ids, backend, spec_key):
+    return torch.empty_like(x)
+
+
+_LIB.define("moe(Tensor x, Tensor[] tensors, Tensor topk_weights, Tensor topk_ids, str backend, "
+            "str spec_key) -> Tensor")
+_LIB.impl("moe", _moe_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("int4xpu::moe", _moe_fake, lib=_LIB)
+
+
+def int4_moe(x: torch.Tensor, tensors: Sequence[torch.Tensor], topk_weights: torch.Tensor,
+             topk_ids: torch.Tensor, backend: str, spec) -> torch.Tensor:
+    """The fused-MoE output [M, H] through the chosen MoE backend's prepared tensors."""
+    return torch.ops.int4xpu.moe(x, list(tensors), topk_weights, topk_ids, backend, spec.key())
