@@ -24,7 +24,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     zero = "none" if args.sym else args.zero_point
     out = quantize_model(args.src, args.out, group_size=args.group_size, zero_point=zero,
-                         skip=args.skip, progress=not args.quiet)
+                         skip=["lm_head", *[m for m in args.skip if m != "lm_head"]],
+                         progress=not args.quiet)
     print(f"wrote int4xpu checkpoint (group {args.group_size}, zero point {zero}) to {out}")
     print(f"serve it with: vllm serve {out} --quantization int4xpu")
     return 0
@@ -50,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int: integer zero points (GPTQ/AWQ style, fastest on XPU); float: float "
                         "zero points w = (q-8)*s + z (HQQ/torchao style). Default int.")
     q.add_argument("--sym", action="store_true", help="symmetric: no zero points (zp = 8)")
-    q.add_argument("--skip", nargs="*", default=["lm_head"], metavar="MODULE",
-                   help="modules to leave unquantized (default: lm_head)")
+    q.add_argument("--skip", nargs="*", default=[], metavar="MODULE",
+                   help="more modules to leave unquantized: a name, a dotted suffix, a glob or "
+                        "'re:REGEX' (lm_head, embeddings and MoE routers are never quantized); "
+                        "'--skip experts' keeps mixture-of-experts experts in bf16 (default: "
+                        "experts are int4)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_quantize)
 

@@ -22,7 +22,8 @@ from .errors import Int4FormatError
 from .formats import (ACT_DTYPE, LEGACY_CONFIG_FILES, CheckpointFormat, LayerGeometry, TensorSpec,
                       detect_format, parse_format, with_legacy_quant_method)
 from .kernels import Int4LinearSpec, select_kernel
-from .kernels.ops import int4_linear
+from .kernels.ops import int4_linear, int4_moe
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                UnquantizedLinearMethod,
                                                register_weight_loader_v2_supported_method)
@@ -88,6 +89,10 @@ class Int4XPUConfig(QuantizationConfig):
         super().__init__()
         self.fmt = fmt
         self.model_dir: Optional[str] = None
+        # what vLLM built with a method of ours (filled while the model is constructed; the
+        # checkpoint mapper uses it to find quantized layers vLLM builds without one)
+        self.linear_prefixes: set[str] = set()
+        self.moe_prefixes: dict[str, int] = {}  # MoE layer prefix -> number of experts
 
     def __repr__(self) -> str:
         return f"Int4XPUConfig({self.fmt.describe() if self.fmt else 'no checkpoint format'})"
@@ -136,9 +141,10 @@ class Int4XPUConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if _is_fused_moe(layer):
-            return self._moe_method(prefix)
+            return self._moe_method(layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
+        self.linear_prefixes.add(prefix)
         if self.fmt is None:
             raise Int4FormatError("int4xpu needs an int4 checkpoint (make one with "
                                   "`vllm-int4xpu quantize SRC OUT`)", tensor=prefix,
@@ -147,17 +153,22 @@ class Int4XPUConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         return Int4XPULinearMethod(self, prefix)
 
-    def _moe_method(self, prefix: str):
-        """Fused MoE experts: int4xpu has no MoE kernel. Experts the checkpoint left unquantized
-        load through vLLM's unquantized MoE method; quantized ones are refused here by name,
-        instead of failing later in vLLM's loader with an unknown parameter."""
-        if self.fmt is None or self.fmt.name == "int4xpu" or not self.fmt.is_layer_quantized(prefix):
-            return None  # native checkpoints never quantize MoE experts (see quantizer.py)
-        raise Int4FormatError(
-            f"{self.fmt.name}: int4 MoE experts are not supported by int4xpu yet; run this "
-            "checkpoint without --quantization int4xpu (vLLM's own method), or list the experts "
-            "in the checkpoint's skip list", file=self.model_dir or None, tensor=prefix,
-            expected="dense (unquantized) experts", found="quantized experts")
+    def _moe_method(self, layer, prefix: str):
+        """Fused MoE experts: int4 experts get :class:`Int4XPUMoEMethod`; experts the checkpoint
+        left unquantized load through vLLM's unquantized MoE method (None)."""
+        if self.fmt is None:
+            return None
+        names = _expert_module_names(layer, prefix)
+        flags = {self.fmt.is_layer_quantized(n) for n in names}
+        if len(flags) > 1:
+            raise Int4FormatError("some experts of this MoE layer are quantized and some are not",
+                                  file=self.model_dir or None, tensor=prefix,
+                                  expected="all experts int4 or all unquantized",
+                                  found=", ".join(n for n in names if self.fmt.is_layer_quantized(n))[:300])
+        if not flags.pop():
+            return None
+        self.moe_prefixes[prefix] = layer.global_num_experts
+        return Int4XPUMoEMethod(self, layer.moe_config, prefix)
 
     def _is_quantized(self, prefix: str) -> bool:
         # A fused vLLM layer (qkv_proj) is quantized iff its checkpoint shards are.
@@ -300,3 +311,179 @@ class Int4XPULinearMethod(LinearMethodBase):
 
 
 
+
+# ------------------------------------------------------------------------------ mixture of experts
+def _expert_projections(layer) -> tuple[str, str, str]:
+    """Checkpoint names of an expert's gate, up and down projections (Mixtral: w1, w3, w2)."""
+    return (layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name)
+
+
+def _expert_module_names(layer, prefix: str) -> list[str]:
+    gate, up, down = _expert_projections(layer)
+    return [f"{prefix}.{e}.{p}" for e in range(layer.global_num_experts) for p in (gate, up, down)]
+
+
+_SHARDS = {"w1": 0, "w3": 1}  # gate, up -> index in the w13 parameters
+
+
+class Int4XPUMoEMethod(FusedMoEMethodBase):
+    """Fused-MoE method: per-expert format tensors -> stacked canonical experts -> MoE backend.
+
+    Each format tensor ``t`` of a projection becomes the parameters ``w13_t`` [E, 2, *shape]
+    (gate, up) and ``w2_t`` [E, *shape] (down), with this method's own weight loader: it runs the
+    format's load hook on the whole checkpoint tensor, cuts this rank's tensor-parallel slice
+    (gate/up along their output dim, down along its input dim, as the format's TensorSpec says)
+    and records what arrived. After loading, every expert is converted with the format's
+    ``to_canonical`` and validated, gate and up are fused, the experts stacked, and the MoE kernel
+    selector picks a backend; the layer then computes through ``int4xpu::moe``.
+    """
+
+    def __init__(self, config: Int4XPUConfig, moe, prefix: str):
+        super().__init__(moe)
+        self.config = config
+        self.fmt = config.fmt
+        self.prefix = prefix
+
+    # ------------------------------------------------------------------ weights
+    def create_weights(self, layer, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs):
+        par = layer.moe_config.moe_parallel_config
+        if par.use_ep:
+            raise Int4FormatError("int4xpu MoE does not support expert parallelism",
+                                  tensor=self.prefix, expected="tensor parallelism only",
+                                  found="enable_expert_parallel")
+        if not layer.moe_config.is_act_and_mul:
+            raise Int4FormatError("int4xpu MoE needs a gated activation (act(gate) * up)",
+                                  tensor=self.prefix, expected="a gated MoE",
+                                  found=str(layer.moe_config.activation))
+        H, I = hidden_size, intermediate_size_per_partition
+        I_full = I * par.tp_size
+        # per-projection geometries: gate/up are column parallel, down is row parallel
+        geo13 = LayerGeometry(H, I, H, I_full)
+        geo2 = LayerGeometry(I, H, I_full, H)
+        layer.int4_moe = dict(geo13=geo13, geo2=geo2, E=num_experts, H=H, I=I,
+                              tp_rank=par.tp_rank, tp_size=par.tp_size, dtype=params_dtype,
+                              specs13=self.fmt.tensor_specs(geo13),
+                              specs2=self.fmt.tensor_specs(geo2), loaded=set())
+        for stem, specs, lead in (("w13", layer.int4_moe["specs13"], (num_experts, 2)),
+                                  ("w2", layer.int4_moe["specs2"], (num_experts,))):
+            for spec in specs:
+                dtype = params_dtype if spec.dtype == ACT_DTYPE else spec.dtype
+                param = torch.nn.Parameter(torch.zeros(*lead, *spec.shape, dtype=dtype),
+                                           requires_grad=False)
+                param.weight_loader = self._weight_loader(layer, stem, spec)
+                layer.register_parameter(f"{stem}_{spec.name}", param)
+
+    def _ckpt_name(self, layer, expert: int, shard_id: str, tensor: str) -> str:
+        gate, up, down = _expert_projections(layer)
+        proj = {"w1": gate, "w3": up, "w2": down}[shard_id]
+        return f"{self.prefix}.{expert}.{proj}.{tensor}"
+
+    def _weight_loader(self, layer, stem: str, spec: TensorSpec):
+        info = layer.int4_moe
+        fmt, config = self.fmt, self.config
+
+        def load(param, loaded_weight, weight_name="", shard_id="", expert_id=0,
+                 return_success=False, **_):
+            e = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if e == -1:
+                return False if return_success else None
+            full = self._ckpt_name(layer, expert_id, shard_id, spec.name)
+            if (stem == "w2") != (shard_id == "w2") or shard_id not in ("w1", "w2", "w3"):
+                raise Int4FormatError("expert tensor routed to the wrong projection",
+                                      file=config.file_of(full), tensor=full,
+                                      expected=f"shard of {stem}", found=shard_id)
+            geo = info["geo2"] if stem == "w2" else info["geo13"]
+            try:
+                t = fmt.prepare_loaded(spec.name, loaded_weight, geo)
+            except Int4FormatError as err:
+                raise err.with_context(file=err.file or config.file_of(full), tensor=full) from None
+            # this rank's slice: gate/up along their output dim, down along its input dim
+            dim = spec.input_dim if stem == "w2" else spec.output_dim
+            if dim is not None and info["tp_size"] > 1:
+                size = spec.shape[dim]
+                if t.dim() <= dim or t.shape[dim] != size * info["tp_size"]:
+                    raise Int4FormatError("expert tensor does not fit the layer", file=config.file_of(full),
+                                          tensor=full, expected=f"{size * info['tp_size']} along dim {dim}",
+                                          found=list(t.shape))
+                t = t.narrow(dim, info["tp_rank"] * size, size)
+            dst = param.data[e, _SHARDS[shard_id]] if stem == "w13" else param.data[e]
+            if tuple(t.shape) != tuple(dst.shape) or (t.is_floating_point() and not dst.is_floating_point()):
+                raise Int4FormatError("expert tensor does not fit the layer", file=config.file_of(full),
+                                      tensor=full, expected=f"{list(dst.shape)} {dst.dtype} (this partition)",
+                                      found=f"{list(t.shape)} {t.dtype}")
+            dst.copy_(t)
+            info["loaded"].add((spec.name, stem, e, shard_id))
+            return True if return_success else None
+        return load
+
+    # ------------------------------------------------------------------ after loading
+    def _expert_weight(self, layer, e: int, shard_id: str):
+        info = layer.int4_moe
+        stem = "w2" if shard_id == "w2" else "w13"
+        specs = info["specs2"] if stem == "w2" else info["specs13"]
+        tensors = {}
+        for spec in specs:
+            if (spec.name, stem, e, shard_id) not in info["loaded"]:
+                if spec.optional:
+                    continue
+                full = self._ckpt_name(layer, e, shard_id, spec.name)
+                raise Int4FormatError("expert tensor missing from checkpoint",
+                                      file=self.config.file_of(full) or self.config.model_dir,
+                                      tensor=full, expected=f"{list(spec.shape)} per partition",
+                                      found="nothing")
+            p = getattr(layer, f"{stem}_{spec.name}").data
+            tensors[spec.name] = p[e, _SHARDS[shard_id]] if stem == "w13" else p[e]
+        geo = info["geo2"] if stem == "w2" else info["geo13"]
+        name = self._ckpt_name(layer, e, shard_id, "")[:-1]
+        try:
+            return self.fmt.to_canonical(tensors, geo).validate(name=name)
+        except Int4FormatError as err:
+            t = err.tensor if err.tensor and err.tensor.startswith(name) else \
+                f"{name}.{err.tensor}" if err.tensor else name
+            raise err.with_context(file=err.file or self.config.file_of(f"{name}.{err.tensor or ''}"),
+                                   tensor=t) from None
+
+    def process_weights_after_loading(self, layer) -> None:
+        from .kernels.moe_base import Int4MoESpec
+        from .kernels.selector import select_moe_kernel
+        from .weight import Int4Experts, concat_out_features, widest_zero_kind
+
+        info = layer.int4_moe
+        if layer.apply_router_weight_on_input:
+            raise Int4FormatError("int4xpu MoE applies router weights to the expert outputs",
+                                  tensor=self.prefix, expected="apply_router_weight_on_input=False",
+                                  found=True)
+        w13, w2 = [], []
+        for e in range(info["E"]):
+            gate, up = self._expert_weight(layer, e, "w1"), self._expert_weight(layer, e, "w3")
+            w13.append(concat_out_features([gate, up], name=self._ckpt_name(layer, e, "w1", "")[:-1]))
+            w2.append(self._expert_weight(layer, e, "w2"))
+        kind = widest_zero_kind(w13 + w2)
+        s13, s2 = Int4Experts.stack(w13, kind), Int4Experts.stack(w2, kind)
+        device = s13.qweight.device
+        activation = getattr(layer.activation, "value", str(layer.activation))
+        spec = Int4MoESpec.of(s13, s2, info["dtype"], device.type, activation)
+        kernel_cls = select_moe_kernel(spec)
+        prepared = kernel_cls(spec).prepare(s13, s2)
+        for stem in ("w13", "w2"):
+            for sp in info["specs13" if stem == "w13" else "specs2"]:
+                delattr(layer, f"{stem}_{sp.name}")
+        names = []
+        for name in kernel_cls.tensor_names:
+            attr = f"int4_moe_{name}"
+            layer.register_parameter(attr, torch.nn.Parameter(prepared[name], requires_grad=False))
+            names.append(attr)
+        layer.int4_tensor_names = tuple(names)
+        layer.int4_backend = kernel_cls.name
+        layer.int4_spec = spec
+        del layer.int4_moe
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None,
+              shared_experts_input=None):
+        tensors = [getattr(layer, n) for n in layer.int4_tensor_names]
+        return int4_moe(x, tensors, topk_weights, topk_ids, layer.int4_backend, layer.int4_spec)

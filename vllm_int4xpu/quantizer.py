@@ -2,11 +2,13 @@
 
 Round-to-nearest, per-group scales. Which tensors are quantized is decided from the model's own
 module tree (instantiated on the meta device from config.json, so nothing is loaded twice):
-the weights of ``nn.Linear`` modules, except ``lm_head``, anything named in ``skip`` and the
-parts of mixture-of-experts blocks that vLLM builds without a quantization method (routers
-``gate``/``router``, ``shared_expert_gate``, and ``experts``, which vLLM fuses: int4xpu has no
-MoE kernel). Every skipped name is written to ``modules_to_not_convert``, so loading treats
-exactly those modules as unquantized. Embeddings and norms stay as they are. Tensors are
+the weights of ``nn.Linear`` modules and of mixture-of-experts experts (per expert on disk,
+``...experts.{e}.{gate,up,down}_proj.weight`` or Mixtral's ``w1/w3/w2``, which transformers 5
+keeps fused in memory), except ``lm_head``, anything named in ``skip`` and the MoE parts that
+vLLM builds without a quantization method (routers ``gate``/``router`` and
+``shared_expert_gate``). ``skip=[..., "experts"]`` keeps the experts in bf16. Every skipped name
+is written to ``modules_to_not_convert``, so loading treats exactly those modules as
+unquantized. Embeddings and norms stay as they are. Tensors are
 streamed file by file; the output is written to a temporary directory beside OUT_DIR and renamed
 at the end, so a crash leaves no half checkpoint. No vLLM needed.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,19 +37,28 @@ logger = logging.getLogger("vllm_int4xpu.quantize")
 SHARD_BYTES = 2 * 1024**3
 DEFAULT_SKIP = ("lm_head",)
 # Module names vLLM's MoE models create unquantized (ReplicatedLinear(..., quant_config=None)
-# routers) or as fused experts; matched like skip entries (see formats.base._module_matches).
-MOE_UNQUANTIZED = ("gate", "router", "shared_expert_gate", "experts")
+# routers); matched like skip entries (see formats.base._module_matches).
+MOE_UNQUANTIZED = ("gate", "router", "shared_expert_gate")
+# A per-expert projection weight as checkpoints store it (experts.{e}.<proj>.weight).
+_EXPERT_WEIGHT = re.compile(r"(^|\.)experts\.\d+\.[^.]+\.weight$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def linear_weight_names(src: Path) -> set[str]:
-    """Names of ``<module>.weight`` tensors that belong to ``nn.Linear`` modules of the model."""
+    """Names of the ``<module>.weight`` tensors to quantize: those of ``nn.Linear`` modules of
+    the model, plus every 2-D per-expert projection weight on disk (transformers 5 holds the
+    experts as fused 3-D parameters in memory, not as ``nn.Linear`` modules)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    names = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    for f in _safetensors_files(src):
+        with safe_open(f, "pt") as sf:
+            names |= {n for n in sf.keys() if _EXPERT_WEIGHT.search(n)
+                      and len(sf.get_slice(n).get_shape()) == 2}
+    return names
 
 
 def _safetensors_files(src: Path) -> list[Path]:
@@ -108,8 +120,8 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
     linears = linear_weight_names(src)
     moe = [s for s in moe_skips(linears) if s not in skip]
     if moe:
-        logger.info("MoE routers/experts stay unquantized (vLLM builds them without a quantization "
-                    "method; int4xpu has no MoE kernel): skipping modules named %s", ", ".join(moe))
+        logger.info("MoE routers stay unquantized (vLLM builds them without a quantization "
+                    "method): skipping modules named %s", ", ".join(moe))
         skip += moe
     files = _safetensors_files(src)
 

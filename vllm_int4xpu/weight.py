@@ -382,3 +382,31 @@ def reference_moe(x: torch.Tensor, w13: Int4Experts, w2: Int4Experts, topk_weigh
         o = moe_activation(h, activation) @ dequantize(w2.expert(e), dtype).t()
         y.index_add_(0, rows, o * topk_weights[rows, slot].to(dtype)[:, None])
     return y
+
+
+def concat_out_features(parts, name: str = "") -> Int4Weight:
+    """Stack weights that share their input along the output dim (an expert's gate and up
+    projections -> gate_up): codes and scale/zero columns are concatenated, zero points widened
+    to one kind; their act-order g_idx, if any, must be the same (one input permutation)."""
+    parts = list(parts)
+    kind = widest_zero_kind(parts)
+    ws = [with_zero_kind(w, kind) for w in parts]
+    if kind == ZeroKind.FLOAT and len({w.zeros.dtype for w in ws}) > 1:
+        ws = [replace(w, zeros=w.zeros.to(torch.float32)) for w in ws]
+    w0 = ws[0]
+    for w in ws[1:]:
+        if (w.in_features, w.group_size, w.scales.shape[0]) != (w0.in_features, w0.group_size,
+                                                                w0.scales.shape[0]):
+            raise Int4FormatError("projections to fuse differ in in_features or groups",
+                                  tensor=name, expected=[w0.in_features, w0.group_size],
+                                  found=[w.in_features, w.group_size])
+        same_g = (w.g_idx is None and w0.g_idx is None) or (
+            w.g_idx is not None and w0.g_idx is not None and torch.equal(w.g_idx, w0.g_idx))
+        if not same_g:
+            raise Int4FormatError("the projections of this fused layer carry different act-order "
+                                  "g_idx", tensor=name, expected="one g_idx for all parts",
+                                  found="different g_idx")
+    return replace(w0, qweight=torch.cat([w.qweight for w in ws], 0),
+                   scales=torch.cat([w.scales for w in ws], 1),
+                   zeros=None if kind == ZeroKind.NONE else torch.cat([w.zeros for w in ws], 1),
+                   out_features=sum(w.out_features for w in ws))

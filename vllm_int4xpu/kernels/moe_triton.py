@@ -1,0 +1,159 @@
+"""MoE backend ``triton``: the fused Triton int4 MoE (``triton_kernels/fused_moe.py``).
+
+Per layer call: gate_up + activation (one launch), down + router weight (one launch), a
+deterministic reduce over the top-k slots and K splits (one launch), plus, on the tensor-core
+path only, a token sort in torch (fixed sizes, no host sync). Nothing reads the device on the
+host, so the call is CUDA-graph safe. The path and its launch parameters come from
+:func:`choose_moe_config` (THE dispatch rule) over the tuned rows in :data:`MOE_CONFIGS`.
+
+``prepare`` keeps the canonical stacked layout; act-order experts get their input channels
+permuted once (groups contiguous) and keep the permutation ``perm`` [E, K], through which the
+kernels gather A's columns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..weight import Int4Experts, ZeroKind, act_order_permutation, permute_input_channels
+from .moe_base import Int4MoEKernel, Int4MoESpec, check_moe_spec
+
+try:  # a missing or broken Triton is a refusal, not an import error
+    from .triton_kernels import fused_moe as fm
+    from .triton_kernels.common import interpreting
+    _TRITON_ERROR: Optional[str] = None
+except Exception as e:  # pragma: no cover - depends on the install
+    fm = None
+    _TRITON_ERROR = f"triton not importable ({type(e).__name__}: {e})"
+
+_ZERO_CODE = {ZeroKind.NONE: 0, ZeroKind.INT: 1, ZeroKind.FLOAT: 2}
+_ACT_CODE = {"silu": 0, "gelu": 1}
+_MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
+
+# Tuned launch rows (data): keyed by the largest pairs-per-expert (M * top_k / E) they serve.
+# "gemv" rows: one pair per program on CUDA cores; "dot" rows: BLOCK_M sorted pairs per program
+# on tensor cores. ``*_13`` / ``*_2`` are the gate_up / down GEMM; SPLIT_K applies to down only.
+MOE_CONFIGS = {
+    "cuda": [
+        (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4,
+                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4, warps_2=4)),
+        (8.0, dict(path="dot", BLOCK_M=16, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                   BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2, warps_2=4, FRAG=2)),
+        (24.0, dict(path="dot", BLOCK_M=16, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                    BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=1, warps_2=4, FRAG=2)),
+        (96.0, dict(path="dot", BLOCK_M=32, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                    BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=1, warps_2=4, FRAG=2)),
+        (float("inf"), dict(path="dot", BLOCK_M=64, BLOCK_N_13=128, BLOCK_K_13=64, warps_13=8,
+                            BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1, warps_2=8, FRAG=2,
+                            stages=3)),
+    ],
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def choose_moe_config(pairs: int, num_experts: int, hidden: int, intermediate: int,
+                      family: str = "cuda") -> dict:
+    """THE dispatch rule: the launch row for ``pairs`` = M * top_k routed rows over
+    ``num_experts``, by rows per expert (decode: ~1 per expert -> gemv; prefill -> dot)."""
+    rows = MOE_CONFIGS.get(family, MOE_CONFIGS["cuda"])
+    per_expert = pairs / num_experts
+    for limit, row in rows:
+        if per_expert <= limit:
+            return dict(row)
+    return dict(rows[-1][1])
+
+
+def _permute_experts(w: Int4Experts) -> tuple[Int4Experts, torch.Tensor]:
+    """Per expert: input channels sorted by group (act-order), perm [E, K] int32 (empty if none)."""
+    dev = w.qweight.device
+    if w.g_idx is None:
+        return w, torch.empty(0, dtype=torch.int32, device=dev)
+    perms, ws = [], []
+    for ex in w.experts():
+        p = act_order_permutation(ex.g_idx).to(dev)
+        perms.append(p.to(torch.int32))
+        ws.append(permute_input_channels(ex, p))
+    stacked = Int4Experts.stack(ws, zero_kind=w.zero_kind)
+    return stacked, torch.stack(perms).contiguous()
+
+
+class TritonMoEKernel(Int4MoEKernel):
+    name = "triton"
+    tensor_names = ("w13_qweight", "w13_scales", "w13_zeros", "w13_perm",
+                    "w2_qweight", "w2_scales", "w2_zeros", "w2_perm")
+
+    @classmethod
+    def can_implement(cls, spec: Int4MoESpec):
+        why = check_moe_spec(spec)
+        if why:
+            return False, why
+        if _TRITON_ERROR:
+            return False, _TRITON_ERROR
+        if spec.device_type not in ("cuda", "xpu") and not (
+                spec.device_type == "cpu" and interpreting()):
+            return False, (f"device {spec.device_type!r} has no Triton GPU target (cuda/xpu "
+                           "only; cpu only under TRITON_INTERPRET=1)")
+        if spec.act_dtype not in (torch.bfloat16, torch.float16):
+            return False, f"activation dtype {spec.act_dtype} not bf16/fp16"
+        if spec.uneven_act_order:
+            return False, ("act-order groups split unevenly across tensor-parallel ranks (no "
+                           "per-expert permutation makes them contiguous)")
+        for part, K, g in (("gate_up", spec.hidden, spec.group_w13),
+                           ("down", spec.intermediate, spec.group_w2)):
+            if K % 8:
+                return False, f"{part}: in_features {K} not a multiple of 8"
+            if g < K and (g & -g) < _MIN_BLOCK_K:
+                return False, (f"{part}: group size {g} not a multiple of {_MIN_BLOCK_K} (a K "
+                               f"tile of 16..256 must divide the group; per-channel is fine)")
+        return True, None
+
+    def prepare(self, w13: Int4Experts, w2: Int4Experts) -> dict[str, torch.Tensor]:
+        out = {}
+        for tag, w in (("w13", w13), ("w2", w2)):
+            w, perm = _permute_experts(w)
+            zeros = (w.zeros.contiguous() if w.zero_kind != ZeroKind.NONE
+                     else torch.empty(0, dtype=torch.int8, device=w.qweight.device))
+            out.update({f"{tag}_qweight": w.qweight.contiguous(),
+                        f"{tag}_scales": w.scales.contiguous(), f"{tag}_zeros": zeros,
+                        f"{tag}_perm": perm})
+        return out
+
+    def apply(self, tensors, x, topk_weights, topk_ids, config: Optional[dict] = None):
+        """``config`` overrides :func:`choose_moe_config` (tests and tuning)."""
+        q13, s13, z13, p13, q2, s2, z2, p2 = tensors
+        spec = self.spec
+        M, top_k = topk_ids.shape
+        P = M * top_k
+        E, H, I = spec.num_experts, spec.hidden, spec.intermediate
+        cfg = config if config is not None else choose_moe_config(P, E, H, I)
+        zk = _ZERO_CODE[spec.zero_kind]
+        ids = topk_ids.reshape(-1)
+        if ids.dtype not in (torch.int32, torch.int64):
+            ids = ids.to(torch.int32)
+        ids = ids.contiguous()
+        topw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+        if cfg["path"] == "dot":
+            sorting = fm.sort_pairs(ids, E, cfg["BLOCK_M"])
+        elif cfg.get("SORTED"):
+            sorting = torch.argsort(ids, stable=True).to(torch.int32)
+        else:
+            sorting = None
+        z13 = z13 if z13.numel() else s13
+        z2 = z2 if z2.numel() else s2
+        common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
+                      SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
+                      num_stages=cfg.get("stages", 2))
+        h = torch.empty((P, I), dtype=x.dtype, device=x.device)
+        fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
+                    act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],
+                    BLOCK_K=cfg["BLOCK_K_13"], num_warps=cfg["warps_13"], **common)
+        split = cfg.get("SPLIT_K", 1)
+        ws = torch.empty((split, P, H), dtype=torch.float32, device=x.device)
+        fm.moe_gemm(h, q2, s2, z2, p2, zk, spec.group_w2, ws, ids, topw, top_k, False,
+                    BLOCK_N=cfg["BLOCK_N_2"], BLOCK_K=cfg["BLOCK_K_2"], SPLIT_K=split,
+                    num_warps=cfg["warps_2"], **common)
+        y = torch.empty((M, H), dtype=x.dtype, device=x.device)
+        return fm.moe_reduce(ws, y, top_k)

@@ -1,0 +1,321 @@
+"""Fused int4 mixture-of-experts: one launch per expert GEMM for all experts, then a small reduce.
+
+Rows are (token, slot) *pairs* p = m * top_k + j, P = M * top_k of them; pair p goes to expert
+``topk_ids.flat[p]``. Three launches per layer, none of which reads anything on the host:
+
+1. gate_up (``GATED``): h[p, n] = act(x[m] . W13_e[n]) * (x[m] . W13_e[I + n]), h [P, I] in the
+   activation dtype, rows in pair order;
+2. down: ws[s, p, :] = topk_weights.flat[p] * (h[p] . W2_e) over K split s (fp32 [S, P, H]);
+3. :func:`moe_reduce_kernel`: y[m] = sum over splits and the top_k slots of m, in a fixed order
+   (deterministic, no atomics).
+
+Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs per expert):
+
+* **gemv** (:func:`moe_gemv_kernel`, decode): one program per (N tile, pair, K split) on CUDA
+  cores; a pair reads its expert id itself, so no token sort is needed (``SORTED`` walks the pairs
+  in expert order instead, so programs on the same expert run together and share its weight
+  through L2). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
+  (``common.nibble_pair_as_float``), so a weight costs ~half a shift, one LOP3 and one FMA; the
+  group's scale and offset are applied once per K tile.
+* **dot** (:func:`moe_dot_kernel`, prefill): tokens sorted by expert into blocks of BLOCK_M
+  (:func:`sort_pairs`, padded, fixed sizes), one program per (N tile, block, K split), the weight
+  tile dequantized in registers and multiplied on tensor cores with the linear GEMM's tile
+  (``gemm._tile_dot``: FRAG 2 packed dequantization on CUDA, FRAG 1 elsewhere). Blocks past the
+  padded count return at once, so experts without tokens cost one early exit per N tile.
+
+Weights are the canonical layout stacked per expert (qweight [E, N, K/8], scales/zeros [E, G, N]);
+act-order weights were permuted per expert at load so groups are contiguous, and both kernels
+read A's columns through ``perm[e]`` (x's channels for gate_up, h's for down). A K tile never
+straddles two groups (the launcher clips BLOCK_K). Intel's Triton backend runs the same code (no
+inline PTX except behind FRAG 2's USE_ASM, which the launcher enables on CUDA only).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, interpreting,
+                     nibble_pair_as_float)
+from .gemm import _frag_rows, _group_affine, _tile_dot
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    """act(gate) in fp32: 0 silu, 1 gelu (erf form, as torch's default)."""
+    if ACT == 0:
+        return g / (1.0 + tl.exp(-g))
+    else:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+
+
+@triton.jit
+def _x_planes(a_row, perm_e, k, K, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 x at channels k and k + 1 (through perm[e] with act-order)."""
+    k_ok = (k < K) | EVEN_K
+    if HAS_PERM:
+        src_lo = tl.load(perm_e + k, mask=k_ok, other=0)
+        src_hi = tl.load(perm_e + k + 1, mask=k_ok, other=0)
+    else:
+        src_lo = k
+        src_hi = k + 1
+    x_lo = tl.load(a_row + src_lo, mask=k_ok, other=0.0).to(tl.float32)
+    x_hi = tl.load(a_row + src_hi, mask=k_ok, other=0.0).to(tl.float32)
+    return x_lo, x_hi
+
+
+@triton.jit
+def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, order_ptr, topw_ptr,
+                    P, N, K, GROUP, stride_am, stride_qe, stride_qn, stride_se, stride_pe,
+                    one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                    SORTED: tl.constexpr, ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
+                    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr):
+    """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
+    N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum."""
+    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if SORTED:
+        pair = tl.load(order_ptr + pid_p)
+    else:
+        pair = pid_p
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    BW: tl.constexpr = BLOCK_K // 8
+    offs_w = tl.arange(0, BW)
+    NS = N * 2 if GATED else N  # scale row length (gate_up has 2I rows)
+    w_rows = qw_ptr + e * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn
+    s_e = s_ptr + e * stride_se
+    z_e = z_ptr + e * stride_se
+    a_row = a_ptr + (pair // A_DIV).to(tl.int64) * stride_am
+    perm_e = perm_ptr + e * stride_pe
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wk = k0 // 8 + offs_w
+        wmask = n_mask[:, None] & ((wk < K // 8) | EVEN_K)[None, :]
+        words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
+        if GATED:
+            words_u = tl.load(w_rows + N * stride_qn + wk[None, :], mask=wmask, other=0)
+        # Nibble j of word w is channel k0 + 8 w + j. Nibbles (2p+1, 2p) come from one shift as
+        # hi = 1 + q/16 and lo = 1 + q/256; against 16 x and 256 x each term is 16 x + q x
+        # (256 x + q x), so sum q x = sum t - sum(16 x_odd + 256 x_even), once per tile.
+        t = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        t_u = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        x_scaled = tl.zeros([BW], dtype=tl.float32)
+        x_plain = tl.zeros([BW], dtype=tl.float32)
+        for p in tl.static_range(4):
+            x_lo, x_hi = _x_planes(a_row, perm_e, k0 + 8 * offs_w + 2 * p, K, HAS_PERM, EVEN_K)
+            x_lo256 = x_lo * 256.0
+            x_hi16 = x_hi * 16.0
+            hi, lo = nibble_pair_as_float(words, p, one_bits)
+            t += hi * x_hi16[None, :]
+            t += lo * x_lo256[None, :]
+            if GATED:
+                hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
+                t_u += hi_u * x_hi16[None, :]
+                t_u += lo_u * x_lo256[None, :]
+            x_scaled += x_hi16 + x_lo256
+            x_plain += x_hi + x_lo
+        xs = tl.sum(x_scaled, 0)
+        xp = tl.sum(x_plain, 0)
+        g = group_of(k0, GROUP, GROUP_SHIFT)
+        s, b = group_scale_offset(s_e, z_e, g, offs_n, n_mask, NS, ZERO_KIND)
+        acc += s * (tl.sum(t, 1) - xs) + b * xp
+        if GATED:
+            s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n + N, n_mask, NS, ZERO_KIND)
+            acc_u += s_u * (tl.sum(t_u, 1) - xs) + b_u * xp
+    if GATED:
+        h = _act(acc, ACT) * acc_u
+        tl.store(out_ptr + pair.to(tl.int64) * N + offs_n, h.to(out_ptr.dtype.element_ty),
+                 mask=n_mask)
+    else:
+        wt = tl.load(topw_ptr + pair)
+        tl.store(out_ptr + (pid_k * P + pair).to(tl.int64) * N + offs_n, acc * wt, mask=n_mask)
+
+
+@triton.jit
+def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, block_expert_ptr,
+                   npad_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
+                   stride_se, stride_pe, one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr,
+                   ACT: tl.constexpr, ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr,
+                   FRAG: tl.constexpr, NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """One (N tile, block of BLOCK_M sorted pairs of one expert, K split); outputs as
+    :func:`moe_gemv_kernel`. Accumulators are transposed, [BN, BM] (see gemm.py)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if pid_m * BLOCK_M >= tl.load(npad_ptr):
+        return  # past the last padded block: no work (experts without tokens have no block)
+    rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < P
+    rows = tl.where(valid, rows, 0)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if FRAG:  # weight rows in the order the load layout holds them (gemm._frag_rows)
+        offs_nl = pid_n * BLOCK_N + _frag_rows(BLOCK_N, NUM_WARPS)
+    else:
+        offs_nl = offs_n
+    nl_mask = offs_nl < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    NS = N * 2 if GATED else N
+    w_rows = qw_ptr + e * stride_qe + offs_nl[:, None].to(tl.int64) * stride_qn
+    s_e = s_ptr + e * stride_se
+    z_e = z_ptr + e * stride_se
+    perm_e = perm_ptr + e * stride_pe
+    a_rows = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am
+    PACKED: tl.constexpr = FRAG == 2
+    MAGIC: tl.constexpr = 1024.0 if a_ptr.dtype.element_ty == tl.float16 else 128.0
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        xk = k0 + offs_k
+        k_ok = (xk < K) | EVEN_K
+        if HAS_PERM:
+            xk = tl.load(perm_e + xk, mask=k_ok, other=0)
+        x = tl.load(a_rows + xk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        wk = k0 // 8 + offs_w
+        wmask = nl_mask[:, None] & ((wk < K // 8) | EVEN_K)[None, :]
+        g = group_of(k0, GROUP, GROUP_SHIFT)
+        words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
+        s, b, c = _group_affine(s_e, z_e, g, offs_nl, nl_mask, NS, ZERO_KIND, PACKED, MAGIC)
+        acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M, FRAG,
+                        NUM_WARPS, USE_ASM, IEEE, MAGIC)
+        if GATED:
+            words_u = tl.load(w_rows + N * stride_qn + wk[None, :], mask=wmask, other=0)
+            s_u, b_u, c_u = _group_affine(s_e, z_e, g, offs_nl + N, nl_mask, NS, ZERO_KIND,
+                                          PACKED, MAGIC)
+            acc_u = _tile_dot(acc_u, words_u, x, s_u, b_u, c_u, one_bits, BLOCK_N, BLOCK_K,
+                              BLOCK_M, FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
+    mask = n_mask[:, None] & valid[None, :]
+    if GATED:
+        h = _act(acc, ACT) * acc_u
+        offs = rows[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        wt = tl.load(topw_ptr + rows, mask=valid, other=0.0)
+        offs = (pid_k * P + rows[None, :]).to(tl.int64) * N + offs_n[:, None]
+        tl.store(out_ptr + offs, acc * wt[None, :], mask=mask)
+
+
+@triton.jit
+def moe_reduce_kernel(ws_ptr, y_ptr, M, N, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """y[m, n] = sum_s sum_j ws[s, m * TOP_K + j, n] (fp32, fixed order), cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    m = offs // N
+    n = offs % N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        for j in tl.static_range(TOP_K):
+            acc += tl.load(ws_ptr + ((s * M + m) * TOP_K + j).to(tl.int64) * N + n, mask=mask,
+                           other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------ launchers
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the P = M * top_k pairs by expert into blocks of ``block_m`` rows, with torch ops of
+    fixed output sizes only (no host sync: CUDA-graph safe).
+
+    Returns (sorted [P + E (block_m - 1)] int32: pair ids, each expert's run padded to a multiple
+    of block_m with the sentinel P; block_expert [max blocks] int32: expert of each block;
+    npad [1] int32: padded row count; blocks past it are not used)."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    P = flat.numel()
+    dev = flat.device
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    # destination of the i-th pair in expert order: its expert's padded start + rank in expert
+    e_sorted = flat[order]
+    start_sorted = torch.cumsum(counts, 0) - counts
+    dest = (ends - padded)[e_sorted] + torch.arange(P, device=dev) - start_sorted[e_sorted]
+    sorted_ids = torch.full((P + num_experts * (block_m - 1),), P, dtype=torch.int32,
+                            device=dev)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    n_blocks = max_blocks(P, num_experts, block_m)
+    starts = torch.arange(n_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True).clamp_(max=num_experts - 1)
+    return sorted_ids, block_expert.to(torch.int32), ends[-1:].to(torch.int32)
+
+
+def max_blocks(P: int, num_experts: int, block_m: int) -> int:
+    """Most blocks :func:`sort_pairs` can fill: each hit expert leaves at most one partial block."""
+    return min(triton.cdiv(P + num_experts * (block_m - 1), block_m),
+               min(num_experts, P) + P // block_m)
+
+
+def _block_k(bk: int, group: int, K: int) -> int:
+    if group < K:  # a tile never straddles two groups
+        return min(bk, group & -group)
+    return min(bk, max(16, triton.next_power_of_2(K)))
+
+
+def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
+             topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
+             sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
+             FRAG=0, num_warps=4, num_stages=2):
+    """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
+    qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or fp32 [SPLIT_K, P, N].
+    ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs)."""
+    E, n_rows, _ = qweight.shape
+    K = a.shape[1]
+    N = n_rows // 2 if gated else n_rows
+    P = topk_ids.numel()
+    split = 1 if gated else SPLIT_K
+    bk = _block_k(BLOCK_K, group, K)
+    has_perm = perm.numel() > 0
+    pm = perm if has_perm else qweight
+    common = dict(A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
+                  HAS_PERM=has_perm, SPLIT_K=split, BLOCK_N=BLOCK_N, BLOCK_K=bk,
+                  EVEN_K=K % bk == 0, GROUP_SHIFT=group_shift(group, K), num_warps=num_warps,
+                  num_stages=num_stages)
+    strides = (a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
+               perm.stride(0) if has_perm else 0)
+    if path == "gemv":
+        ids = topk_ids.reshape(-1)
+        order = sorting if SORTED else ids
+        grid = (triton.cdiv(N, BLOCK_N), P, split)
+        moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, ids, order, topk_weights, P, N,
+                              K, group, *strides, ONE_BITS, SORTED=bool(SORTED), **common)
+        return out
+    sorted_ids, block_expert, npad = sorting
+    frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
+    if frag == 2 and (a.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != a.dtype
+                      or (zero_kind == 2 and zeros.dtype != a.dtype)):
+        frag = 1
+    use_asm = frag == 2 and a.is_cuda and torch.version.hip is None and not interpreting()
+    if frag == 2 and not use_asm and not interpreting():
+        frag = 1  # no packed instructions here (XPU, ROCm)
+    grid = (triton.cdiv(N, BLOCK_N), block_expert.numel(), split)
+    moe_dot_kernel[grid](a, qweight, scales, zeros, pm, out, sorted_ids, block_expert, npad,
+                         topk_weights, P, N, K, group, *strides, ONE_BITS, BLOCK_M=BLOCK_M,
+                         FRAG=frag, NUM_WARPS=num_warps, USE_ASM=use_asm,
+                         IEEE=a.dtype == torch.float32 or interpreting(), **common)
+    return out
+
+
+def moe_reduce(ws, y, top_k: int):
+    """y [M, N] = sum over splits and slots of ws fp32 [S, M * top_k, N]."""
+    S, _, N = ws.shape
+    M = y.shape[0]
+    block = 1024
+    moe_reduce_kernel[(triton.cdiv(M * N, block),)](ws, y, M, N, TOP_K=top_k, SPLIT_K=S,
+                                                    BLOCK=block)
+    return y
