@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixtures_common import (CALIB_TEXT, LM_HEAD_GAIN, VOCAB, fresh_dir, read_safetensors,  # noqa: E402
-                                  tidy, write_oracle)
+from make_fixtures_common import (CALIB_TEXT, LM_HEAD_GAIN, VOCAB, fresh_dir,  # noqa: E402
+                                  read_safetensors, tidy, write_oracle)
 
 from tiny_model import make_tiny_moe  # noqa: E402  (make_fixtures_common put tests/ on sys.path)
 
@@ -74,7 +74,8 @@ def base_moe_model(tmp, arch: str = "qwen2_moe", seed: int = 0) -> Path:
     path = make_tiny_moe(Path(tmp), arch, vocab=VOCAB, seed=seed)
     f = path / "model.safetensors"
     sd = load_file(str(f))
-    sd["lm_head.weight"] = (sd["lm_head.weight"].float() * LM_HEAD_GAIN).to(sd["lm_head.weight"].dtype)
+    lm = sd["lm_head.weight"]
+    sd["lm_head.weight"] = (lm.float() * LM_HEAD_GAIN).to(lm.dtype)
     save_file(sd, str(f), metadata={"format": "pt"})
     return path
 
@@ -84,7 +85,7 @@ def layer0_prefixes(tensors: dict, suffix: str) -> list[str]:
                   if k.startswith(LAYER0) and k.endswith("." + suffix))
 
 
-def _MIXTRAL_NAMES(k: str) -> str:
+def _mixtral_base_name(k: str) -> str:
     for hf, old in ((".gate_proj.", ".w1."), (".up_proj.", ".w3."), (".down_proj.", ".w2.")):
         k = k.replace(hf, old)
     return k
@@ -94,9 +95,9 @@ def check_oracle(oracle: dict, base_sd: dict, limit: float = 0.1) -> dict:
     """Relative error of each oracle weight against the float base weight of the same name."""
     errs = {}
     for k, w in oracle.items():
-        # auto-round 0.16.1 + transformers 5 write Mixtral experts as {gate,up,down}_proj,
-        # while the float checkpoint (and vLLM's Mixtral loader) name them w1/w3/w2
-        ref = base_sd[k if k in base_sd else _MIXTRAL_NAMES(k)].float()
+        # auto-round 0.16.1 + transformers 5 write Mixtral experts as {gate,up,down}_proj, the
+        # float checkpoint as w1/w3/w2 (vLLM 0.32's Mixtral mapper renames the former)
+        ref = base_sd[k if k in base_sd else _mixtral_base_name(k)].float()
         assert w.shape == ref.shape, (k, tuple(w.shape), tuple(ref.shape))
         errs[k] = float((w.float() - ref).norm() / ref.norm())
     bad = {k: e for k, e in errs.items() if not e < limit}

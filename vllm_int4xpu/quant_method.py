@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -93,6 +94,8 @@ class Int4XPUConfig(QuantizationConfig):
         # checkpoint mapper uses it to find quantized layers vLLM builds without one)
         self.linear_prefixes: set[str] = set()
         self.moe_prefixes: dict[str, int] = {}  # MoE layer prefix -> number of experts
+        self.hf_to_vllm = None  # the model's checkpoint -> vLLM name mapper (apply_vllm_mapper)
+        self.hidden_size: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"Int4XPUConfig({self.fmt.describe() if self.fmt else 'no checkpoint format'})"
@@ -132,9 +135,14 @@ class Int4XPUConfig(QuantizationConfig):
 
     def get_checkpoint_weight_mapper(self):
         # vLLM's default mapper drops ``.g_idx``; act-order checkpoints need it. Formats may
-        # name metadata tensors to drop (HQQ's per-layer .shape, .nbits, ...).
+        # name metadata tensors to drop (HQQ's per-layer .shape, .nbits, ...). The mapper also
+        # rewrites the weight stream (see CheckpointStream): quantized layers that vLLM builds
+        # without a quantization method are dequantized, and expert indices are checked.
         drop = getattr(self.fmt, "dropped_suffixes", ()) if self.fmt is not None else ()
-        return WeightsMapper(orig_to_new_suffix={s: None for s in drop})
+        return Int4WeightsMapper(orig_to_new_suffix={s: None for s in drop}, config=self)
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        self.hf_to_vllm = hf_to_vllm_mapper
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None):
         self.model_dir = model_name if os.path.isdir(model_name) else None
@@ -192,7 +200,7 @@ class Int4XPUConfig(QuantizationConfig):
         if os.path.exists(idx):
             with open(idx) as f:
                 wm = json.load(f).get("weight_map", {})
-            return wm.get(tensor_name, os.path.basename(idx))
+            return wm.get(tensor_name) or wm.get("model." + tensor_name) or os.path.basename(idx)
         single = os.path.join(self.model_dir, "model.safetensors")
         return "model.safetensors" if os.path.exists(single) else None
 
@@ -487,3 +495,152 @@ class Int4XPUMoEMethod(FusedMoEMethodBase):
               shared_experts_input=None):
         tensors = [getattr(layer, n) for n in layer.int4_tensor_names]
         return int4_moe(x, tensors, topk_weights, topk_ids, layer.int4_backend, layer.int4_spec)
+
+
+# ------------------------------------------------------------------------------ weight stream
+class Int4WeightsMapper(WeightsMapper):
+    """vLLM's name mapper plus :class:`CheckpointStream` on the weights it maps.
+
+    vLLM merges the quantization config's mapper into the model's own with ``|``; ``__ror__``
+    and ``__or__`` keep the merged mapper of this type, so :meth:`apply` still runs the stream."""
+
+    def __init__(self, *args, config: "Int4XPUConfig", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config
+
+    def _like(self, merged: WeightsMapper) -> "Int4WeightsMapper":
+        fields = {f: getattr(merged, f) for f in merged.__dataclass_fields__}
+        return Int4WeightsMapper(**fields, config=self.config)
+
+    def __or__(self, other):
+        return self._like(WeightsMapper.__or__(self, other))
+
+    def __ror__(self, other):
+        return self._like(WeightsMapper.__or__(other, self))
+
+    def apply(self, weights):
+        return super().apply(CheckpointStream(self.config).rewrite(weights))
+
+
+class CheckpointStream:
+    """Checks and rewrites the checkpoint's (name, tensor) stream before vLLM maps the names.
+
+    * A tensor of expert ``e`` of a MoE layer with E experts, ``e >= E``, is an error naming the
+      file (vLLM's expert loader would drop it without a word).
+    * A quantized layer that vLLM builds without a quantization method (HQQ quantizes MoE
+      routers ``mlp.gate`` and ``shared_expert_gate``, which vLLM builds as plain layers) is
+      dequantized once, here, into the ``<layer>.weight`` vLLM expects: its format tensors are
+      collected, converted with the format's own conversion, validated, and replaced by one
+      float tensor. A layer whose tensors never complete is an error, never dropped.
+    """
+
+    _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.")
+
+    def __init__(self, config: "Int4XPUConfig"):
+        self.config = config
+        self.fmt = config.fmt
+        names = set()
+        if self.fmt is not None:
+            from .formats import LayerGeometry
+            g = self.fmt.group_size if isinstance(self.fmt.group_size, int) and self.fmt.group_size > 0 else 8
+            specs = self.fmt.tensor_specs(LayerGeometry(16 * g, 128, 16 * g, 128))
+            self.required = {s.name for s in specs if not s.optional}
+            names = {s.name for s in specs}
+            if getattr(self.fmt, "name", "") == "hqq":
+                self.required.add("shape")  # its (N, K): the layer's size on disk
+            names |= {x.lstrip(".") for x in getattr(self.fmt, "dropped_suffixes", ())}
+            names |= self.required
+        self.format_names = names
+        self.claimed = self._claimed_prefixes()
+
+    def _claimed_prefixes(self) -> set[str]:
+        """vLLM names of the layers built with a method of ours, fused layers' parts included."""
+        cfg = self.config
+        claimed = set(cfg.linear_prefixes)
+        for p in cfg.linear_prefixes:
+            base, _, last = p.rpartition(".")
+            for shard in (cfg.packed_modules_mapping or {}).get(last, ()):
+                claimed.add(f"{base}.{shard}" if base else shard)
+        return claimed
+
+    def _vllm_name(self, name: str) -> str:
+        m = self.config.hf_to_vllm
+        if m is None:
+            return name
+        try:
+            mapped = m.map_name(name)
+        except Exception:  # pragma: no cover - a mapper of another vLLM release
+            mapped = None
+        return mapped or name
+
+    @staticmethod
+    def _same_module(full: str, name: str) -> bool:
+        """``name`` is ``full`` or a tail of it: a model's inner loader may see names without
+        their leading parts (Mixtral's sees ``layers.0...`` for ``model.layers.0...``)."""
+        return full == name or full.endswith("." + name)
+
+    def _moe_layer(self, name: str):
+        """(MoE layer prefix, its experts, expert index) when ``name`` is an expert's tensor."""
+        m = self._EXPERT.match(name)
+        if not m:
+            return None
+        for p, n in self.config.moe_prefixes.items():
+            if self._same_module(p, m.group(1)):
+                return p, n, int(m.group(2))
+        return None
+
+    def _is_unclaimed_quantized(self, module: str, leaf: str) -> bool:
+        if leaf not in self.format_names:
+            return False
+        vname = self._vllm_name(module + "." + leaf)
+        v = vname.rsplit(".", 1)[0]
+        if any(self._same_module(c, v) for c in self.claimed) or self._moe_layer(vname):
+            return False
+        return True
+
+    def rewrite(self, weights):
+        cfg = self.config
+        pending: dict[str, dict[str, Any]] = {}
+        for name, tensor in weights:
+            hit = self._moe_layer(self._vllm_name(name))
+            if hit and hit[2] >= hit[1]:
+                raise Int4FormatError("checkpoint has more experts than the model config",
+                                      file=cfg.file_of(name), tensor=name,
+                                      expected=f"expert index < {hit[1]} (config num_experts)",
+                                      found=hit[2])
+            module, _, leaf = name.rpartition(".")
+            if self.fmt is None or not module or not self._is_unclaimed_quantized(module, leaf):
+                yield name, tensor
+                continue
+            parts = pending.setdefault(module, {})
+            parts[leaf] = tensor
+            if self.required <= parts.keys():
+                yield module + ".weight", self._dequantize(module, pending.pop(module))
+        for module, parts in pending.items():  # never completed
+            if not (parts.keys() & self.required - {"shape"}):
+                for leaf, tensor in parts.items():  # metadata only: not a quantized layer
+                    yield f"{module}.{leaf}", tensor
+                continue
+            missing = sorted(self.required - parts.keys())
+            raise Int4FormatError("quantized layer is incomplete in the checkpoint",
+                                  file=cfg.file_of(f"{module}.{sorted(parts)[0]}") or cfg.model_dir,
+                                  tensor=f"{module}.{missing[0]}", expected=sorted(self.required),
+                                  found=sorted(parts))
+
+    def _dequantize(self, module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        from .inspect import infer_shape
+        from .weight import dequantize
+        try:
+            K, N = infer_shape(self.fmt, parts)
+            geo = LayerGeometry(K, N, K, N)
+            specs = self.fmt.tensor_specs(geo)
+            w = self.fmt.to_canonical({s.name: self.fmt.prepare_loaded(s.name, parts[s.name], geo)
+                                       for s in specs if s.name in parts}, geo)
+            w.validate(name=module)
+        except Int4FormatError as e:
+            raise e.with_context(file=e.file or self.config.file_of(f"{module}.{sorted(parts)[0]}"),
+                                 tensor=e.tensor if (e.tensor or "").startswith(module)
+                                 else f"{module}.{e.tensor or ''}") from None
+        logger.info("int4xpu: %s is quantized in the checkpoint but vLLM builds it without a "
+                    "quantization method: dequantized once at load (%d x %d)", module, N, K)
+        return dequantize(w, torch.float32)

@@ -3,7 +3,10 @@
 For the chosen device it walks all registered backends (``kernels.selector.BACKENDS``), skips the
 ones that refuse (printing why), and runs the others on random weights: group sizes 32, 64, 128 and
 per-channel; symmetric, integer and float zero points; act-order; several batch sizes. Each output
-is compared with :func:`vllm_int4xpu.weight.reference_linear` in float64. It then times one
+is compared with :func:`vllm_int4xpu.weight.reference_linear` in float64. The fused-MoE backends
+(``kernels.selector.MOE_BACKENDS``, rows ``moe:<name>``) run random int4 experts (both zero-point
+kinds, act-order, top-k 1/2/8, experts that receive no token) against
+:func:`vllm_int4xpu.weight.reference_moe` in float64. It then times one
 decode-sized layer per backend and reports the weight bytes streamed per second (GB/s) next to a
 bf16 ``F.linear`` of the same shape. Exit status 1 on any mismatch or error.
 
@@ -75,6 +78,82 @@ def make_cases(quick: bool) -> list[Case]:
     if not quick:
         cases.append(Case(1024, 384, 128, ZeroKind.INT, False, 4, torch.float32))
     return cases
+
+
+@dataclass(frozen=True)
+class MoECase:
+    E: int
+    H: int
+    I: int
+    group: int
+    zero_kind: ZeroKind
+    act_order: bool
+    top_k: int
+    M: int
+    dtype: torch.dtype = torch.bfloat16
+
+    def label(self) -> str:
+        return (f"E={self.E} H={self.H} I={self.I} g={self.group} zp={self.zero_kind.value}"
+                f"{' act' if self.act_order else ''} k={self.top_k} M={self.M} "
+                f"{str(self.dtype).replace('torch.', '')}")
+
+
+def make_moe_cases(quick: bool) -> list[MoECase]:
+    cases = [MoECase(8, 256, 128, 64, ZeroKind.INT, False, 2, 5),
+             MoECase(8, 256, 128, 32, ZeroKind.FLOAT, False, 1, 3),
+             MoECase(16, 256, 128, 128, ZeroKind.NONE, False, 8, 4),
+             MoECase(8, 256, 128, 64, ZeroKind.INT, True, 2, 9, torch.float16)]
+    if not quick:
+        cases += [MoECase(16, 1024, 384, 128, ZeroKind.FLOAT, False, 8, 64),
+                  MoECase(8, 1024, 512, 64, ZeroKind.INT, True, 2, 200)]
+    return cases
+
+
+def make_experts(E: int, N: int, K: int, case: MoECase, gen: torch.Generator):
+    from .weight import Int4Experts
+    return Int4Experts.stack([make_weight(Case(K, N, case.group, case.zero_kind, case.act_order,
+                                               1, case.dtype), gen) for _ in range(E)])
+
+
+def run_moe_accuracy(dev: str, cases: list[MoECase], seed: int,
+                     only: Optional[list[str]]) -> tuple[list[Result], list[str]]:
+    """Every MoE backend on random int4 experts vs float64 ``reference_moe``; rows ``moe:<name>``."""
+    from .kernels import Int4MoE, Int4MoESpec, check_backend
+    from .kernels.selector import MOE_BACKENDS, MOE_ORDER
+    from .weight import reference_moe
+
+    names = list(MOE_ORDER.get(dev, ())) + [n for n in MOE_BACKENDS if n not in MOE_ORDER.get(dev, ())]
+    if only:
+        names = [n for n in names if n in only]
+    results = []
+    for ci, case in enumerate(cases):
+        gen = torch.Generator().manual_seed(seed + 1000 + ci)
+        w13 = make_experts(case.E, 2 * case.I, case.H, case, gen)
+        w2 = make_experts(case.E, case.H, case.I, case, gen)
+        x = torch.randn(case.M, case.H, generator=gen).to(case.dtype)
+        # the last expert receives no token
+        ids = torch.stack([torch.randperm(case.E - 1, generator=gen)[:case.top_k]
+                           for _ in range(case.M)])
+        tw = torch.rand(case.M, case.top_k, generator=gen)
+        tw = tw / tw.sum(-1, keepdim=True)
+        ref = reference_moe(x, w13, w2, tw, ids)
+        spec = Int4MoESpec.of(w13, w2, case.dtype, dev)
+        for name in names:
+            ok, why = check_backend(name, spec, moe=True)
+            if not ok:
+                results.append(Result(f"moe:{name}", case, "SKIP", note=why))
+                continue
+            try:
+                moe = Int4MoE(w13.to_device(dev), w2.to_device(dev), case.dtype, dev, backend=name)
+                y = moe(x.to(dev), tw.to(dev), ids.to(dev))
+                synchronize(dev)
+                good, err = compare(y, ref, case.dtype)
+                results.append(Result(f"moe:{name}", case, "PASS" if good else "FAIL", err,
+                                      "" if good else f"tolerance {TOLERANCE[case.dtype]:g}"))
+            except Exception as e:  # a crash is a failure of that backend, not of the check
+                results.append(Result(f"moe:{name}", case, "FAIL", None,
+                                      f"{type(e).__name__}: {e}"[:160]))
+    return results, [f"moe:{n}" for n in names]
 
 
 def make_weight(case: Case, gen: torch.Generator) -> Int4Weight:
@@ -177,12 +256,13 @@ def copies_for(nbytes: int) -> int:
 
 
 def backend_names(dev: str, only: Optional[list[str]]) -> list[str]:
-    from .kernels.selector import BACKENDS, ORDER
+    from .kernels.selector import BACKENDS, MOE_BACKENDS, ORDER
 
     names = list(ORDER.get(dev, ())) + [n for n in BACKENDS if n not in ORDER.get(dev, ())]
     names = [n for n in names if n in BACKENDS]
     if only:
         unknown = [n for n in only if n not in BACKENDS]
+        unknown = [n for n in unknown if n not in MOE_BACKENDS]
         if unknown:
             raise SystemExit(f"selfcheck: unknown backend(s) {unknown}; known: {sorted(BACKENDS)}")
         names = [n for n in names if n in only]
@@ -263,21 +343,21 @@ def run_speed(names: list[str], dev: str, quick: bool, seed: int) -> list[str]:
 
 
 def print_report(results: list[Result], names: list[str], dev: str) -> None:
-    print(f"{'backend':<18} {'case':<44} {'result':<6} {'rel err':>9}  note")
+    print(f"{'backend':<18} {'case':<50} {'result':<6} {'rel err':>9}  note")
     print("-" * 96)
     for name in names:
         mine = [r for r in results if r.backend == name]
         ran = [r for r in mine if r.status != "SKIP"]
         for r in ran:
             err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
-            print(f"{name:<18} {r.case.label():<44} {r.status:<6} {err:>9}  {r.note}")
+            print(f"{name:<18} {r.case.label():<50} {r.status:<6} {err:>9}  {r.note}")
         skipped = {}
         for r in mine:
             if r.status == "SKIP":
                 skipped.setdefault(r.note, []).append(r)
         for why, rs in skipped.items():
             what = "all cases" if not ran and len(skipped) == 1 else f"{len(rs)} case(s)"
-            print(f"{name:<18} {'skipped ' + what:<44} {'SKIP':<6} {'-':>9}  {why}")
+            print(f"{name:<18} {'skipped ' + what:<50} {'SKIP':<6} {'-':>9}  {why}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -299,7 +379,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"vllm-int4xpu selfcheck on {dev} (torch {torch.__version__}); "
           f"backends: {', '.join(names)}")
     results = run_accuracy(names, dev, make_cases(args.quick), args.seed)
-    print_report(results, names, dev)
+    moe_results, moe_names = run_moe_accuracy(
+        dev, make_moe_cases(args.quick), args.seed, [n for n in args.backends.split(",") if n] or None)
+    results += moe_results
+    print_report(results, names + moe_names, dev)
     if not args.no_speed:
         for line in run_speed(names, dev, args.quick, args.seed):
             print(line)

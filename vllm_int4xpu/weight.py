@@ -318,6 +318,11 @@ class Int4Experts:
     def experts(self) -> list[Int4Weight]:
         return [self.expert(e) for e in range(self.num_experts)]
 
+    def to_device(self, device) -> "Int4Experts":
+        mv = (lambda t: None if t is None else t.to(device))
+        return replace(self, qweight=mv(self.qweight), scales=mv(self.scales),
+                       zeros=mv(self.zeros), g_idx=mv(self.g_idx))
+
     @classmethod
     def stack(cls, weights, zero_kind: Optional[ZeroKind] = None) -> "Int4Experts":
         """Stack per-expert weights. Experts whose zero points differ in kind (a GPTQ expert whose
