@@ -91,8 +91,8 @@ def gptq_desc_act_mixtral(tmp: Path, g: int = 32) -> Path:
 
 # ---------------------------------------------------------------------------- tests
 def test_cli_and_hand_written_moe_match_dense(tmp_path):
-    """Our CLI's int4 experts (Qwen2-MoE integer zero points with a shared expert, Mixtral
-    float zero points) and hand-written GPTQ desc_act experts give the dense copy's logprobs."""
+    """Our CLI's int4 experts (Qwen2-MoE, integer zero points, with a shared expert) and
+    hand-written GPTQ desc_act experts (Mixtral) give the dense copy's logprobs."""
     qwen = quantize_with_cli(make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe"),
                              tmp_path / "qwen2moe-int4", "--group-size", "32")
     from safetensors import safe_open
@@ -102,11 +102,17 @@ def test_cli_and_hand_written_moe_match_dense(tmp_path):
     assert "model.layers.0.mlp.shared_expert.gate_proj.qweight" in keys
     assert "model.layers.0.mlp.gate.weight" in keys  # the router is not
     assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
+    report = check_against_dense([qwen, gptq_desc_act_mixtral(tmp_path)], tmp_path)
+    print(json.dumps(report, indent=1))
+
+
+@pytest.mark.slow
+def test_cli_float_zero_mixtral_matches_dense(tmp_path):
+    """(HQQ's fixture covers float zero points in the default run.)"""
     mixtral = quantize_with_cli(make_tiny_moe(tmp_path / "mixtral", "mixtral"),
                                 tmp_path / "mixtral-float4", "--group-size", "32",
                                 "--zero-point", "float")
-    report = check_against_dense([qwen, mixtral, gptq_desc_act_mixtral(tmp_path)], tmp_path)
-    print(json.dumps(report, indent=1))
+    print(json.dumps(check_against_dense([mixtral], tmp_path), indent=1))
 
 
 def test_skip_experts_keeps_them_dense(tmp_path):
@@ -115,7 +121,7 @@ def test_skip_experts_keeps_them_dense(tmp_path):
     out = quantize_with_cli(make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe"),
                             tmp_path / "qwen2moe-int4", "--group-size", "32", "--skip", "experts")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert {"experts", "gate", "shared_expert_gate", "lm_head"} <= set(qcfg["modules_to_not_convert"])
+    assert {"experts", "shared_expert_gate", "lm_head"} <= set(qcfg["modules_to_not_convert"])
     from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "model.layers.0.mlp.experts.0.gate_proj.weight" in set(f.keys())
@@ -205,12 +211,12 @@ def _bad_checkpoints(tmp: Path) -> dict[str, tuple[Path, list[str]]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["extra expert", "missing tensor", "group mismatch",
-                                  "NaN scales"])
-def test_bad_moe_checkpoint_is_refused_by_name(tmp_path, case):
-    model, needles = _bad_checkpoints(tmp_path)[case]
-    rc, log = run_generate(model, quantization="int4xpu", max_tokens=1, expect_error=True,
-                           timeout=600)
-    assert rc != 0 and "Int4FormatError" in log, log[-3000:]
-    line = next((ln for ln in log.splitlines() if "Int4FormatError:" in ln), "")
-    assert all(n in line for n in needles), (needles, line or log[-3000:])
+def test_bad_moe_checkpoints_are_refused_by_name(tmp_path, monkeypatch):
+    """Each malformed checkpoint fails at load with Int4FormatError naming file, tensor,
+    expected and found (engines in one process, so the loader's exception is what we read)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cases = _bad_checkpoints(tmp_path)
+    res = run_batch([{"model": str(m), "quantization": "int4xpu"} for m, _ in cases.values()])
+    for (case, (_, needles)), r in zip(cases.items(), res):
+        assert not r["ok"] and r["error"].startswith("Int4FormatError"), (case, r)
+        assert all(n in r["error"] for n in needles), (case, needles, r["error"])

@@ -45,6 +45,7 @@ class Report:
     backends: dict = field(default_factory=dict)  # spec description -> backend or refusal
     moe: dict = field(default_factory=dict)  # MoE layer prefix -> (experts, spec description)
     moe_backends: dict = field(default_factory=dict)  # MoE spec description -> backend
+    dequantized_at_load: list = field(default_factory=list)  # quantized routers (see ROUTERS)
 
 
 def _primary_tensor(fmt) -> str:
@@ -166,6 +167,7 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
 
     seen_specs: dict = {}
     experts: dict = defaultdict(lambda: defaultdict(dict))  # prefix -> expert -> proj -> weight
+    is_moe = _config_num_experts(_model_config(path)) is not None
     for mod in sorted(m for m, sfx in where.items() if primary in sfx):
         files = {s: fk[0] for s, fk in where[mod].items()}
         main_file = files[primary]
@@ -213,6 +215,9 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
         m = _EXPERT_MODULE.match(mod)
         if m:
             experts[m.group(1)][int(m.group(2))][m.group(3)] = w
+        if is_moe and mod.rsplit(".", 1)[-1] in ROUTERS:
+            rep.dequantized_at_load.append(mod)
+            continue
         from .kernels import Int4LinearSpec
 
         spec = Int4LinearSpec.of(w, act_dtype, device_type or _device_type())
@@ -228,6 +233,8 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     return rep
 
 
+# MoE routers vLLM builds without a quantization method: int4 ones are dequantized at load
+ROUTERS = ("gate", "router", "shared_expert_gate")
 _EXPERT_MODULE = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 # an expert's (gate, up, down) projection names: Qwen/DeepSeek/transformers-5 and Mixtral
 _EXPERT_PROJECTIONS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
@@ -326,6 +333,11 @@ def format_report(rep: Report) -> str:
         for backend, whats in by_backend.items():
             lines.append(f"kernel backend on this machine: {backend} ({len(whats)} layer shape"
                          f"{'s' if len(whats) > 1 else ''}: {'; '.join(whats)})")
+        if rep.dequantized_at_load:
+            lines.append(f"dequantized once at load (MoE routers vLLM builds without a "
+                         f"quantization method): {len(rep.dequantized_at_load)} "
+                         f"({', '.join(rep.dequantized_at_load[:4])}"
+                         f"{', ...' if len(rep.dequantized_at_load) > 4 else ''})")
         if rep.moe:
             lines.append(f"MoE layers: {len(rep.moe)} with int4 experts "
                          f"({', '.join(sorted({str(e) for e, _ in rep.moe.values()}))} experts each)")

@@ -297,6 +297,11 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         return out
     sorted_ids, block_expert, npad = sorting
     frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
+    if has_perm or (gated and bk < 128):
+        # Triton 3.6 fails to compile the fragment-order operand (FRAG 1/2) with x gathered
+        # through perm, and in the gated GEMM with K tiles below 128 (PassManager failure in
+        # TritonGPUOptimizeDotOperands, seen on an H200): the portable unpack there.
+        frag = 0
     if frag == 2 and (a.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != a.dtype
                       or (zero_kind == 2 and zeros.dtype != a.dtype)):
         frag = 1
