@@ -222,6 +222,18 @@ def _make_param(spec: TensorSpec, data: torch.Tensor, loader):
     return BasevLLMParameter(**kw)
 
 
+def _install_prepared(layer, kernel_cls, prepared: dict, spec, prefix: str) -> None:
+    """Keep a backend's prepared tensors as the layer's parameters (``prefix`` + name, in the
+    backend's order) and what ``apply`` needs to call it."""
+    names = []
+    for name in kernel_cls.tensor_names:
+        layer.register_parameter(prefix + name, torch.nn.Parameter(prepared[name], requires_grad=False))
+        names.append(prefix + name)
+    layer.int4_tensor_names = tuple(names)
+    layer.int4_backend = kernel_cls.name
+    layer.int4_spec = spec
+
+
 @register_weight_loader_v2_supported_method
 class Int4XPULinearMethod(LinearMethodBase):
     """Linear method: format tensors -> canonical weight -> chosen kernel backend."""
@@ -304,14 +316,7 @@ class Int4XPULinearMethod(LinearMethodBase):
         prepared = kernel_cls(spec).prepare(w)
         for s in layer.int4_specs:
             delattr(layer, s.name)
-        names = []
-        for name in kernel_cls.tensor_names:
-            attr = f"int4_{name}"
-            layer.register_parameter(attr, torch.nn.Parameter(prepared[name], requires_grad=False))
-            names.append(attr)
-        layer.int4_tensor_names = tuple(names)
-        layer.int4_backend = kernel_cls.name
-        layer.int4_spec = spec
+        _install_prepared(layer, kernel_cls, prepared, spec, "int4_")
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(layer, n) for n in layer.int4_tensor_names]
@@ -478,14 +483,7 @@ class Int4XPUMoEMethod(FusedMoEMethodBase):
         for stem in ("w13", "w2"):
             for sp in info["specs13" if stem == "w13" else "specs2"]:
                 delattr(layer, f"{stem}_{sp.name}")
-        names = []
-        for name in kernel_cls.tensor_names:
-            attr = f"int4_moe_{name}"
-            layer.register_parameter(attr, torch.nn.Parameter(prepared[name], requires_grad=False))
-            names.append(attr)
-        layer.int4_tensor_names = tuple(names)
-        layer.int4_backend = kernel_cls.name
-        layer.int4_spec = spec
+        _install_prepared(layer, kernel_cls, prepared, spec, "int4_moe_")
         del layer.int4_moe
 
     def get_fused_moe_quant_config(self, layer):
@@ -551,7 +549,8 @@ class CheckpointStream:
             names |= {x.lstrip(".") for x in getattr(self.fmt, "dropped_suffixes", ())}
             names |= self.required
         self.format_names = names
-        self.claimed = self._claimed_prefixes()
+        self.claimed = {t for c in self._claimed_prefixes() for t in self._tails(c)}
+        self.moe_tails = {t: (p, n) for p, n in config.moe_prefixes.items() for t in self._tails(p)}
 
     def _claimed_prefixes(self) -> set[str]:
         """vLLM names of the layers built with a method of ours, fused layers' parts included."""
@@ -574,29 +573,23 @@ class CheckpointStream:
         return mapped or name
 
     @staticmethod
-    def _same_module(full: str, name: str) -> bool:
-        """``name`` is ``full`` or a tail of it: a model's inner loader may see names without
+    def _tails(name: str) -> list[str]:
+        """``name`` and every dotted tail of it: a model's inner loader may see names without
         their leading parts (Mixtral's sees ``layers.0...`` for ``model.layers.0...``)."""
-        return full == name or full.endswith("." + name)
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))]
 
     def _moe_layer(self, name: str):
         """(MoE layer prefix, its experts, expert index) when ``name`` is an expert's tensor."""
         m = self._EXPERT.match(name)
-        if not m:
-            return None
-        for p, n in self.config.moe_prefixes.items():
-            if self._same_module(p, m.group(1)):
-                return p, n, int(m.group(2))
-        return None
+        hit = self.moe_tails.get(m.group(1)) if m else None
+        return (hit[0], hit[1], int(m.group(2))) if hit else None
 
     def _is_unclaimed_quantized(self, module: str, leaf: str) -> bool:
         if leaf not in self.format_names:
             return False
         vname = self._vllm_name(module + "." + leaf)
-        v = vname.rsplit(".", 1)[0]
-        if any(self._same_module(c, v) for c in self.claimed) or self._moe_layer(vname):
-            return False
-        return True
+        return not (self._moe_layer(vname) or vname.rsplit(".", 1)[0] in self.claimed)
 
     def rewrite(self, weights):
         cfg = self.config
