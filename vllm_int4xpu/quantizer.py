@@ -126,8 +126,9 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
     files = _safetensors_files(src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    (tmp / _PID_FILE).write_text(str(os.getpid()))
     try:
         to_quantize = []
         for f in files:
@@ -192,8 +193,58 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                 continue
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        (tmp / _PID_FILE).unlink()
+        _apply_umask(tmp)
         os.rename(tmp, out)
+    except OSError as e:  # disk full, read-only or vanished directory: nothing partial is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Int4FormatError("could not write the quantized checkpoint; nothing was written",
+                              file=getattr(e, "filename", None) or str(out),
+                              expected="a writable directory with free space",
+                              found=e.strerror or str(e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# Written into the temp directory while a quantize runs: a directory whose process is gone is a
+# leftover of a killed run (SIGKILL leaves no chance to clean up) and is removed by the next run.
+_PID_FILE = ".int4xpu-quantize.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Remove temp directories of earlier runs into ``out`` whose process is gone; refuse while
+    one is still writing (two runs must not race for one OUT)."""
+    for d in out.parent.glob(f".{out.name}.tmp-*"):
+        pid_file = d / _PID_FILE
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            raise Int4FormatError("another vllm-int4xpu quantize is writing this output",
+                                  file=str(d), expected="no other run into the same OUT",
+                                  found=f"process {pid}")
+        logger.info("removing the temp directory of an interrupted run: %s", d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _apply_umask(tmp: Path) -> None:
+    """Give the checkpoint the modes any new file of this user gets (mkdtemp makes its directory
+    0700 and safetensors writes 0600): directory 0777 and files 0666, less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for f in tmp.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
