@@ -80,13 +80,29 @@ def test_selector_prefers_cpu_and_logs_refusals(caplog):
     assert any("reference" in r.message and "group size 16" in r.message for r in caplog.records)
 
 
+def test_caller_choice_is_not_reported_as_the_env_override(monkeypatch, caplog):
+    """selfcheck and benchmarks pick backends by argument: the log and errors must not claim the
+    user set VLLM_INT4XPU_BACKEND."""
+    import logging
+    monkeypatch.delenv("VLLM_INT4XPU_BACKEND", raising=False)
+    w = quantize_rtn(torch.randn(48, 128), 64, ZeroKind.INT)
+    spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
+    with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
+        assert select_kernel(spec, forced="reference").name == "reference"
+    text = " ".join(r.message for r in caplog.records)
+    assert "requested by the caller" in text and "VLLM_INT4XPU_BACKEND" not in text
+    with pytest.raises(Int4FormatError, match="requested by the caller") as ei:
+        select_kernel(spec, forced="xpu_onednn")
+    assert "VLLM_INT4XPU_BACKEND" not in str(ei.value)
+
+
 def test_env_override_forces_and_refuses(monkeypatch):
     w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
     spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
     monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "reference")
     assert select_kernel(spec).name == "reference"
     monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "xpu_onednn")
-    with pytest.raises(Int4FormatError, match="forced backend 'xpu_onednn'"):
+    with pytest.raises(Int4FormatError, match="'xpu_onednn' .forced by VLLM_INT4XPU_BACKEND."):
         select_kernel(spec)
     monkeypatch.setenv("VLLM_INT4XPU_BACKEND", "nope")
     with pytest.raises(Int4FormatError, match="unknown kernel backend"):

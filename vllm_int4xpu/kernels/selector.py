@@ -100,14 +100,17 @@ def select_moe_kernel(spec, forced: Optional[str] = None):
 
 def _select(spec, forced: Optional[str], moe: bool):
     env = ENV_MOE_BACKEND if moe else ENV_BACKEND
+    # who asked: the caller (selfcheck, benchmarks, Int4Linear(backend=...)) or the user's env
+    source = "requested by the caller" if forced else f"forced by {env}"
     forced = forced or os.environ.get(env) or None
     if forced:
         ok, why = check_backend(forced, spec, moe)
         if not ok:
-            raise Int4FormatError(f"forced backend {forced!r} cannot run this layer: {why}",
-                                  tensor=env, expected="a backend that accepts the layer",
+            raise Int4FormatError(f"backend {forced!r} ({source}) cannot run this layer: {why}",
+                                  tensor=env if source.startswith("forced") else "backend",
+                                  expected="a backend that accepts the layer",
                                   found=_describe(spec))
-        _log_choice(forced, spec, (f"forced by {env}",))
+        _log_choice(forced, spec, (source,))
         return load_backend(forced, moe)
     refused = []
     for name in (MOE_ORDER if moe else ORDER).get(spec.device_type, ("reference",)):
