@@ -7,33 +7,14 @@ TRITON_INTERPRET=1 must be set before a @triton.jit function is *defined*; if an
 already imported the kernels in GPU mode, this file re-runs itself in a subprocess.
 """
 
-import os
-import sys
+import triton_interp  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 
-_TRITON_IMPORTED_FIRST = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
-
-import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
-
-
-def _kernels_already_compiled_for_gpu() -> bool:
-    """True when another test module imported the kernels before TRITON_INTERPRET was set."""
-    if any(m.startswith("vllm_int4xpu.kernels.triton") for m in sys.modules) and \
-            "vllm_int4xpu.kernels.triton_kernels.gemv" not in sys.modules:
-        return True  # partly imported: play safe
-    mod = sys.modules.get("vllm_int4xpu.kernels.triton_kernels.gemv")
-    if mod is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return not isinstance(mod.int4_gemv_kernel, InterpretedFunction)
-
-
-IN_SUBPROCESS = _TRITON_IMPORTED_FIRST or _kernels_already_compiled_for_gpu()
+IN_SUBPROCESS = triton_interp.must_rerun()
 interpreted = pytest.mark.skipif(IN_SUBPROCESS, reason="kernels imported in GPU mode here; "
                                  "test_rerun_in_subprocess runs this file in interpreter mode")
 
@@ -46,10 +27,7 @@ from vllm_int4xpu.weight import (Int4Experts, ZeroKind, quantize_rtn,  # noqa: E
 
 @pytest.mark.skipif(not IN_SUBPROCESS, reason="kernels are interpreted in this process")
 def test_rerun_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    triton_interp.rerun_in_subprocess(__file__)
 
 
 # The interpreter converts fp32 -> bf16 by truncation (measured: 2x the rounding error of a

@@ -48,11 +48,32 @@ class Report:
     dequantized_at_load: list = field(default_factory=list)  # quantized routers (see ROUTERS)
 
 
+def _probe_geometry(fmt) -> tuple[int, int, int, int]:
+    """A layer geometry every valid config of ``fmt`` accepts (to list its tensor names)."""
+    g = fmt.group_size if isinstance(fmt.group_size, int) and fmt.group_size > 0 else 8
+    K = 16 * g
+    return K, 128, K, 128
+
+
 def _primary_tensor(fmt) -> str:
     """Name of the packed-codes tensor that marks a quantized layer (first TensorSpec)."""
-    g = fmt.group_size if isinstance(fmt.group_size, int) and fmt.group_size > 0 else 8
-    K = 16 * g  # a geometry every valid config accepts
-    return fmt.tensor_specs(LayerGeometry(K, 128, K, 128))[0].name
+    return fmt.tensor_specs(LayerGeometry(*_probe_geometry(fmt)))[0].name
+
+
+def _unreadable(fname: str, e: Exception, key: Optional[str] = None) -> Int4FormatError:
+    return Int4FormatError("checkpoint file cannot be read", file=fname,
+                           tensor=key or "(file header)", expected="a complete safetensors file",
+                           found=f"{type(e).__name__}: {e}"[:300])
+
+
+def _shape_pair(t: torch.Tensor, name: str) -> tuple[int, int]:
+    """A layer's (N, K) from a metadata tensor holding them (HQQ .shape, CT .weight_shape)."""
+    vals = t.reshape(-1).tolist() if not t.is_floating_point() else []
+    if len(vals) != 2 or min(vals) <= 0:
+        raise Int4FormatError("layer shape metadata is malformed", tensor=name,
+                              expected="two positive integers (out, in)",
+                              found=f"{t.dtype} {list(t.shape)} {vals[:4]}")
+    return int(vals[0]), int(vals[1])
 
 
 def infer_shape(fmt, t: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -65,13 +86,13 @@ def infer_shape(fmt, t: dict[str, torch.Tensor]) -> tuple[int, int]:
         return q.shape[0], q.shape[1] * PACK_FACTOR
     if isinstance(fmt, CompressedTensorsFormat):
         if "weight_shape" in t:
-            n, k = (int(v) for v in t["weight_shape"].reshape(-1).tolist())
+            n, k = _shape_pair(t["weight_shape"], "weight_shape")
             return k, n
         q = t["weight_packed"]
         return q.shape[1] * PACK_FACTOR, q.shape[0]
     if isinstance(fmt, HQQFormat):
         if "shape" in t:
-            n, k = (int(v) for v in t["shape"].reshape(-1).tolist())
+            n, k = _shape_pair(t["shape"], "shape")
             return k, n
         raise Int4FormatError("hqq: layer has no .shape tensor", tensor="shape",
                               expected="int64 [2]", found=None)
@@ -152,18 +173,35 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     where: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
     linears = set()
     for fname in _safetensors_files(path):
-        with safe_open(os.path.join(path, fname), "pt") as f:
-            for key in f.keys():
-                mod, _, suffix = key.rpartition(".")
-                where[mod][suffix] = (fname, key)
-                if suffix == "weight" and mod.rsplit(".", 1)[-1].endswith("proj"):
-                    linears.add(mod)
+        try:
+            with safe_open(os.path.join(path, fname), "pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # missing, unreadable or not a safetensors file
+            rep.problems.append(_unreadable(fname, e))
+            continue
+        for key in keys:
+            mod, _, suffix = key.rpartition(".")
+            where[mod][suffix] = (fname, key)
+            if suffix == "weight" and mod.rsplit(".", 1)[-1].endswith("proj"):
+                linears.add(mod)
     handles: dict[str, Any] = {}
 
     def read(fname: str, key: str) -> torch.Tensor:
-        if fname not in handles:
-            handles[fname] = safe_open(os.path.join(path, fname), "pt")
-        return handles[fname].get_tensor(key)
+        try:
+            if fname not in handles:
+                handles[fname] = safe_open(os.path.join(path, fname), "pt")
+            return handles[fname].get_tensor(key)
+        except Exception as e:  # a header that lies about the data (truncated file)
+            raise _unreadable(fname, e, key) from None
+
+    # a layer with the format's other tensors but not its packed codes
+    names = {sp.name for sp in fmt.tensor_specs(LayerGeometry(*_probe_geometry(fmt)))}
+    for mod in sorted(m for m, sfx in where.items() if primary not in sfx
+                      and (set(sfx) & names) - {"weight", "bias"}):
+        some = sorted((set(where[mod]) & names) - {"weight", "bias"})[0]
+        rep.problems.append(Int4FormatError(
+            "quantized layer without its packed weight", file=where[mod][some][0],
+            tensor=f"{mod}.{primary}", expected=f"{primary} beside {some}", found=None))
 
     seen_specs: dict = {}
     experts: dict = defaultdict(lambda: defaultdict(dict))  # prefix -> expert -> proj -> weight
@@ -184,6 +222,11 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
             K, N = (shapes[leaf] if leaf in shapes and parent in ("self_attn", "mlp")
                     else infer_shape(fmt, t))
             geo = LayerGeometry(K, N, K, N)
+            bias = t.get("bias")
+            if bias is not None and (tuple(bias.shape) != (N,) or not bias.is_floating_point()):
+                raise Int4FormatError("bias does not fit the layer", file=files.get("bias"),
+                                      tensor=f"{mod}.bias", expected=f"float [{N}]",
+                                      found=f"{bias.dtype} {list(bias.shape)}")
             tensors = {}
             for spec in fmt.tensor_specs(geo):
                 if spec.name not in t:
@@ -227,7 +270,8 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     rep.unquantized_linears = sorted(m for m in linears if primary not in where[m])
     from .kernels.selector import _describe
 
-    _check_moe(rep, experts, _model_config(path), act_dtype, device_type or _device_type())
+    _check_moe(rep, experts, _model_config(path), act_dtype, device_type or _device_type(),
+               lambda mod: next(iter(where.get(mod, {}).values()), (None,))[0])
 
     rep.backends = {_describe(s): b for s, b in seen_specs.items()}
     return rep
@@ -248,7 +292,8 @@ def _config_num_experts(cfg: dict) -> Optional[int]:
     return None
 
 
-def _check_moe(rep: Report, experts: dict, cfg: dict, act_dtype, device_type: str) -> None:
+def _check_moe(rep: Report, experts: dict, cfg: dict, act_dtype, device_type: str,
+               file_of=lambda mod: None) -> None:
     """Per MoE layer: every expert of the config present with its three projections, all of one
     shape; then the MoE kernel backend that would run the stacked experts."""
     from .kernels.moe_base import Int4MoESpec
@@ -278,7 +323,10 @@ def _check_moe(rep: Report, experts: dict, cfg: dict, act_dtype, device_type: st
             kind = widest_zero_kind(w13 + w2)
             s13, s2 = Int4Experts.stack(w13, kind), Int4Experts.stack(w2, kind)
         except Int4FormatError as e:
-            rep.problems.append(e)
+            # the file of the named expert module, else of any expert of this layer
+            first = next(f"{prefix}.{e_}.{p}" for e_ in sorted(per) for p in per[e_])
+            rep.problems.append(e if e.file else e.with_context(
+                file=file_of(e.tensor or "") or file_of(first)))
             continue
         spec = Int4MoESpec.of(s13, s2, act_dtype, device_type)
         what = _describe(spec)

@@ -520,6 +520,27 @@ class Int4WeightsMapper(WeightsMapper):
         return super().apply(CheckpointStream(self.config).rewrite(weights))
 
 
+def _readable(weights, cfg: "Int4XPUConfig"):
+    """vLLM's (name, tensor) iterator, with a file it cannot read (missing shard, truncated or
+    not safetensors) reported as our error naming it instead of the reader's own exception."""
+    from safetensors import SafetensorError
+
+    it = iter(weights)
+    last = None
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except (OSError, SafetensorError) as e:
+            raise Int4FormatError("checkpoint file cannot be read", file=getattr(e, "filename", None)
+                                  or cfg.model_dir, tensor=f"(after {last})" if last else "(first tensor)",
+                                  expected="every file of the checkpoint, complete",
+                                  found=f"{type(e).__name__}: {e}"[:300]) from e
+        last = item[0]
+        yield item
+
+
 class CheckpointStream:
     """Checks and rewrites the checkpoint's (name, tensor) stream before vLLM maps the names.
 
@@ -594,7 +615,7 @@ class CheckpointStream:
     def rewrite(self, weights):
         cfg = self.config
         pending: dict[str, dict[str, Any]] = {}
-        for name, tensor in weights:
+        for name, tensor in _readable(weights, cfg):
             hit = self._moe_layer(self._vllm_name(name))
             if hit and hit[2] >= hit[1]:
                 raise Int4FormatError("checkpoint has more experts than the model config",

@@ -33,7 +33,7 @@ import torch
 from ..errors import Int4FormatError
 from ..weight import PACK_FACTOR, Int4Weight, ZeroKind, pack_int4
 from . import _packing as P
-from .base import CheckpointFormat, LayerGeometry, TensorSpec, check_bits
+from .base import CheckpointFormat, LayerGeometry, TensorSpec, check_bits, check_group_size
 
 # Per-layer metadata tensors transformers writes next to W_q/scale/zero (not weights).
 HQQ_META_SUFFIXES = (".nbits", ".group_size", ".shape", ".axis", ".packing",
@@ -84,7 +84,8 @@ class HQQFormat(CheckpointFormat):
                        "quant_config.zero_quant_params", None,
                        qc.get("zero_quant_params") or qc.get("scale_quant_params"))
         g = wp.get("group_size")
-        g = -1 if g in (None, 0) else int(g)
+        # None/0: one group per row (per-channel); otherwise a positive int, as hqq writes it
+        g = -1 if g is None or (g == 0 and type(g) is int) else check_group_size(g, "hqq")
         return cls(bits=bits, group_size=g, zero_kind=ZeroKind.FLOAT,
                    skip_modules=list(cfg.get("skip_modules") or []), raw=dict(cfg))
 
