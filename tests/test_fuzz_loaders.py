@@ -44,7 +44,7 @@ FAMILIES = ["gptq_v1_asym_descact_g32", "gptq_v2_sym_descact_g64", "ar_gptq_sym_
             "ar_awq_asym_g128", "ct_asym_g64_gptq", "ct_asym_actgroup_g32", "ct_sym_channel",
             "ar_native_gptq_asym_g32", "hqq_g64", "torchao_plain_int32_g64", "torchao_plain_g128",
             "moe_ar_gptq_asym_g32", "moe_hqq_g32", "native_int", "native_float"]
-FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 TALLY: Counter = Counter()
 BROKEN: list = []  # the key each tensor break touched (for the failure message)
 SOURCE_DIRS: dict = {}  # family -> its checkpoint directory (tokenizer files for vLLM)
