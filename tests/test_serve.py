@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_runner import vllm_env  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vllm_server import serve  # noqa: E402
 
 
 def post(url: str, body: dict) -> dict:
@@ -33,44 +21,12 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def vllm_cli() -> str:
-    exe = Path(sys.executable).with_name("vllm")
-    return str(exe) if exe.exists() else shutil.which("vllm")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_int, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [vllm_cli(), "serve", str(tiny_int), "--quantization", "int4xpu", "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", "256", "--served-model-name", "tiny",
-           "--enforce-eager", "--max-num-seqs", "4"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(),
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited rc={proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("server did not become healthy:\n" + log.read_text()[-4000:])
+    with serve(tiny_int, log, "--max-model-len", "256", "--served-model-name", "tiny",
+               "--enforce-eager", "--max-num-seqs", "4") as (base, proc):
         yield base, proc, log
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its engine/worker processes
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_completions(server):
