@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_kernels import time_graph  # noqa: E402  (median µs per call of a CUDA graph)
 from vllm_int4xpu.kernels.moe_base import Int4MoESpec  # noqa: E402
 from vllm_int4xpu.kernels.moe_triton import TritonMoEKernel, choose_moe_config  # noqa: E402
 from vllm_int4xpu.kernels.triton_kernels.fused_moe import sort_pairs  # noqa: E402
@@ -184,32 +185,6 @@ def make_layer(E, H, I, dtype, group, seed):
                                                * 0.02, group, ZeroKind.NONE, scale_dtype=dtype)
                                   for _ in range(E)])
     return stack(2 * I, H), stack(H, I)
-
-
-def time_graph(fn_list, reps=15):
-    """Median µs per call of a CUDA graph holding every call of fn_list once."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fn_list:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fn_list:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / len(fn_list))
-    del g
-    return statistics.median(times)
 
 
 def rel(y, ref):
