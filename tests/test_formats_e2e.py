@@ -56,7 +56,7 @@ def dense_copy(src: Path, dst: Path, dtype: str = "bfloat16") -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_int4xpu.formats import LayerGeometry, parse_format
+    from vllm_int4xpu.formats import parse_format
     from vllm_int4xpu.inspect import _primary_tensor, infer_shape
     from vllm_int4xpu.weight import dequantize
 
@@ -73,10 +73,7 @@ def dense_copy(src: Path, dst: Path, dtype: str = "bfloat16") -> Path:
     for m in mods:
         lt = {k[len(m) + 1:]: v for k, v in t.items() if k.startswith(m + ".")}
         K, N = infer_shape(fmt, lt)
-        geo = LayerGeometry(K, N, K, N)
-        specs = fmt.tensor_specs(geo)
-        w = fmt.to_canonical({s.name: fmt.prepare_loaded(s.name, lt[s.name], geo)
-                              for s in specs if s.name in lt}, geo)
+        w = fmt.disk_to_canonical(lt, K, N)
         out[m + ".weight"] = dequantize(w.validate(), torch.float32).to(dt)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})

@@ -95,7 +95,6 @@ class Int4XPUConfig(QuantizationConfig):
         self.linear_prefixes: set[str] = set()
         self.moe_prefixes: dict[str, int] = {}  # MoE layer prefix -> number of experts
         self.hf_to_vllm = None  # the model's checkpoint -> vLLM name mapper (apply_vllm_mapper)
-        self.hidden_size: Optional[int] = None
 
     def __repr__(self) -> str:
         return f"Int4XPUConfig({self.fmt.describe() if self.fmt else 'no checkpoint format'})"
@@ -166,13 +165,13 @@ class Int4XPUConfig(QuantizationConfig):
         left unquantized load through vLLM's unquantized MoE method (None)."""
         if self.fmt is None:
             return None
-        names = _expert_module_names(layer, prefix)
-        flags = {self.fmt.is_layer_quantized(n) for n in names}
+        quantized = {n: self.fmt.is_layer_quantized(n) for n in _expert_module_names(layer, prefix)}
+        flags = set(quantized.values())
         if len(flags) > 1:
             raise Int4FormatError("some experts of this MoE layer are quantized and some are not",
                                   file=self.model_dir or None, tensor=prefix,
                                   expected="all experts int4 or all unquantized",
-                                  found=", ".join(n for n in names if self.fmt.is_layer_quantized(n))[:300])
+                                  found=", ".join(n for n, q in quantized.items() if q)[:300])
         if not flags.pop():
             return None
         self.moe_prefixes[prefix] = layer.global_num_experts
@@ -455,8 +454,7 @@ class Int4XPUMoEMethod(FusedMoEMethodBase):
         except Int4FormatError as err:
             t = err.tensor if err.tensor and err.tensor.startswith(name) else \
                 f"{name}.{err.tensor}" if err.tensor else name
-            raise err.with_context(file=err.file or self.config.file_of(f"{name}.{err.tensor or ''}"),
-                                   tensor=t) from None
+            raise err.with_context(file=err.file or self.config.file_of(t), tensor=t) from None
 
     def process_weights_after_loading(self, layer) -> None:
         from .kernels.moe_base import Int4MoESpec
@@ -560,9 +558,8 @@ class CheckpointStream:
         self.fmt = config.fmt
         names = set()
         if self.fmt is not None:
-            from .formats import LayerGeometry
-            g = self.fmt.group_size if isinstance(self.fmt.group_size, int) and self.fmt.group_size > 0 else 8
-            specs = self.fmt.tensor_specs(LayerGeometry(16 * g, 128, 16 * g, 128))
+            from .inspect import _probe_geometry
+            specs = self.fmt.tensor_specs(LayerGeometry(*_probe_geometry(self.fmt)))
             self.required = {s.name for s in specs if not s.optional}
             names = {s.name for s in specs}
             if getattr(self.fmt, "name", "") == "hqq":
@@ -646,11 +643,7 @@ class CheckpointStream:
         from .weight import dequantize
         try:
             K, N = infer_shape(self.fmt, parts)
-            geo = LayerGeometry(K, N, K, N)
-            specs = self.fmt.tensor_specs(geo)
-            w = self.fmt.to_canonical({s.name: self.fmt.prepare_loaded(s.name, parts[s.name], geo)
-                                       for s in specs if s.name in parts}, geo)
-            w.validate(name=module)
+            w = self.fmt.disk_to_canonical(parts, K, N).validate(name=module)
         except Int4FormatError as e:
             raise e.with_context(file=e.file or self.config.file_of(f"{module}.{sorted(parts)[0]}"),
                                  tensor=e.tensor if (e.tensor or "").startswith(module)

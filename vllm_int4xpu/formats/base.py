@@ -84,6 +84,13 @@ class CheckpointFormat(ABC):
     def to_canonical(self, tensors: dict[str, torch.Tensor], geo: LayerGeometry) -> Int4Weight:
         """Convert one loaded layer partition to the canonical weight (not yet validated)."""
 
+    def disk_to_canonical(self, tensors: dict[str, torch.Tensor], K: int, N: int) -> Int4Weight:
+        """A whole (unsharded) layer's disk tensors -> canonical weight, not yet validated: the
+        load hook and conversion of loading, for a K x N layer read outside vLLM."""
+        geo = LayerGeometry(K, N, K, N)
+        return self.to_canonical({s.name: self.prepare_loaded(s.name, tensors[s.name], geo)
+                                  for s in self.tensor_specs(geo) if s.name in tensors}, geo)
+
     def group_size_for(self, geo: LayerGeometry) -> int:
         """Canonical group size of a partition (per-channel -> the partition's K)."""
         return geo.in_per_partition if self.group_size in (-1, 0, None) else self.group_size

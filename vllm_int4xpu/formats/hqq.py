@@ -147,12 +147,6 @@ class HQQFormat(CheckpointFormat):
         return Int4Weight(qweight=qweight, scales=s32, zeros=(8.0 - z32) * s32,
                           zero_kind=ZeroKind.FLOAT, group_size=g, in_features=K, out_features=N)
 
-    def disk_to_canonical(self, tensors: dict[str, torch.Tensor], K: int, N: int) -> Int4Weight:
-        """Offline: whole-layer disk tensors -> canonical weight (used by tests and inspect)."""
-        geo = LayerGeometry(K, N, K, N)
-        prepared = {k: self.prepare_loaded(k, v, geo) for k, v in tensors.items()}
-        return self.to_canonical(prepared, geo)
-
 
 def json_key(d: Any) -> str:
     import json
