@@ -36,6 +36,8 @@ CONFIGS = {
                         BLOCK_N_2=128, BLOCK_K_2=128, SPLIT_K=1, warps_2=8, FRAG=1),
     "dot64_frag0": dict(path="dot", BLOCK_M=64, BLOCK_N_13=128, BLOCK_K_13=64, warps_13=8,
                         BLOCK_N_2=64, BLOCK_K_2=64, SPLIT_K=1, warps_2=4, FRAG=0, stages=3),
+    "dot128": dict(path="dot", BLOCK_M=128, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                   BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1, warps_2=4, FRAG=2, stages=3),
     "auto": None,
 }
 

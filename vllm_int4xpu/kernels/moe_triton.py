@@ -48,7 +48,8 @@ MOE_CONFIGS = {
                    BLOCK_N_2=128, BLOCK_K_2=256, SPLIT_K=4, warps_2=2)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
-        (float("inf"), dict(_DOT, BLOCK_M=64)),
+        (384.0, dict(_DOT, BLOCK_M=64)),
+        (float("inf"), dict(_DOT, BLOCK_M=128)),
     ],
 }
 
