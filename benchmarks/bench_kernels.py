@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -87,7 +86,7 @@ def measure_floors():
     dst = torch.empty_like(buf)
     t = time_graph([lambda: dst.copy_(buf)], reps=10)
     bw = 2 * buf.numel() / (t * 1e-6)
-    del buf, dst
+    buf = dst = None  # frees them (the timed lambda closes over these names)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = time_graph([lambda: a @ b], reps=10)
@@ -237,7 +236,7 @@ def bench_shape(K, N, ms, bw, peak, use_gemlite, rows):
                          **{f"{k}_us": v for k, v in res.items()}))
         r = rows[-1]
         print(fmt_row(r), flush=True)
-        del x, ref
+        x = ref = None
 
 
 HEADER = ("   K     N     M  floor_us | ours_us %floor xbf16 algo    | bf16_us %fl |"

@@ -312,7 +312,7 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
             row["speedup_vs_vllm_dense"] = row["us_vllm_dense"] / row["us_ours"]
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del layers, ours_t, v4_w, vd_w
+    layers = ours_t = v4_w = vd_w = None
     torch.cuda.empty_cache()
     return rows
 

@@ -20,7 +20,7 @@ def rel_err(y, ref):
     return float((y.double() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu_native", "cpu", "reference"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("M", [1, 5, 130])  # 130 takes the CPU backend's dense path
@@ -67,17 +67,18 @@ def test_a_wrong_zero_point_is_caught():
     assert rel_err(lin(x), reference_linear(x, w)) > 1e-2
 
 
-def test_selector_prefers_cpu_and_logs_refusals(caplog):
+def test_selector_prefers_cpu_native_and_logs_refusals(caplog):
     w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
     spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
     with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
-        assert select_kernel(spec).name == "cpu"
-    # group 16 is outside the CPU op's support: falls back with the reason logged
-    w16 = quantize_rtn(torch.randn(64, 128), 16, ZeroKind.INT)
-    spec16 = Int4LinearSpec.of(w16, torch.bfloat16, "cpu")
+        assert select_kernel(spec).name == "cpu_native"
+    # K = 120 is outside the native kernel (K % 16) and a 120 group outside torch's op: reference
+    w120 = quantize_rtn(torch.randn(64, 120), 120, ZeroKind.INT)
+    spec120 = Int4LinearSpec.of(w120, torch.bfloat16, "cpu")
     with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
-        assert select_kernel(spec16).name == "reference"
-    assert any("reference" in r.message and "group size 16" in r.message for r in caplog.records)
+        assert select_kernel(spec120).name == "reference"
+    assert any("reference" in r.message and "group size 120" in r.message
+               and "K=120" in r.message for r in caplog.records)
 
 
 def test_caller_choice_is_not_reported_as_the_env_override(monkeypatch, caplog):

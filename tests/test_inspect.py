@@ -23,7 +23,7 @@ def test_inspect_every_fixture(ckpt, capsys):
     assert "kernel backend on this machine:" in out
     if ckpt.name.startswith("moe_"):  # every MoE layer found, stacked and given a backend
         assert "MoE layers: 2 with int4 experts (4 experts each)" in out, out
-        assert "MoE kernel backend on this machine: cpu (MoE E=4 H=128" in out, out
+        assert "MoE kernel backend on this machine: cpu_native (MoE E=4 H=128" in out, out
         assert ("dequantized once at load" in out) == ckpt.name.startswith("moe_hqq"), out
 
 

@@ -59,7 +59,7 @@ CASES = [  # (E, H, I, g13, g2, kind, top-k, M, act_order)
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cpu_native"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_per_expert_backends_match_float64(backend, case, dtype):
@@ -72,9 +72,10 @@ def test_per_expert_backends_match_float64(backend, case, dtype):
     spec = Int4MoESpec.of(w13, w2, dtype, "cpu")
     ok, why = select_moe_kernel(spec, forced="reference").can_implement(spec)
     assert ok, why
-    if backend == "cpu":
-        from vllm_int4xpu.kernels.moe_per_expert import CpuMoEKernel
-        ok, why = CpuMoEKernel.can_implement(spec)
+    if backend != "reference":
+        from vllm_int4xpu.kernels import moe_per_expert as mpe
+        cls = mpe.CpuMoEKernel if backend == "cpu" else mpe.CpuNativeMoEKernel
+        ok, why = cls.can_implement(spec)
         if not ok:
             pytest.skip(why)
     moe = Int4MoE(w13, w2, dtype, "cpu", backend=backend)
@@ -88,6 +89,9 @@ def test_cpu_backend_refusal_names_the_reason():
     w13, w2 = _experts(2, 64, 128, 16, "int", 1), _experts(2, 128, 32, 16, "int", 2)
     ok, why = CpuMoEKernel.can_implement(Int4MoESpec.of(w13, w2, torch.bfloat16, "cpu"))
     assert not ok and "group size 16" in why, why
+    # the native kernel takes group 16; a hidden size of 120 (K % 16) goes to reference
+    assert select_moe_kernel(Int4MoESpec.of(w13, w2, torch.bfloat16, "cpu")).name == "cpu_native"
+    w13, w2 = _experts(2, 64, 120, 8, "int", 1), _experts(2, 120, 32, 8, "int", 2)
     assert select_moe_kernel(Int4MoESpec.of(w13, w2, torch.bfloat16, "cpu")).name == "reference"
 
 

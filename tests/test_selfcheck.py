@@ -30,9 +30,10 @@ def test_quick_cpu_selfcheck_passes_in_a_subprocess():
     assert "0 failed" in proc.stdout
     assert "xpu_onednn" in proc.stdout and "needs an Intel GPU" in proc.stdout  # skip says why
     assert "GB/s" in proc.stdout
-    # the fused-MoE backends: cpu and reference run, triton's refusal says why
+    # the fused-MoE backends: cpu_native, cpu and reference run, triton's refusal says why
     moe_pass = [ln for ln in proc.stdout.splitlines() if ln.startswith("moe:") and "PASS" in ln]
-    assert {ln.split()[0] for ln in moe_pass} == {"moe:cpu", "moe:reference"}, proc.stdout
+    assert {ln.split()[0] for ln in moe_pass} == {"moe:cpu_native", "moe:cpu", "moe:reference"}, \
+        proc.stdout
     assert "moe:triton" in proc.stdout and "no Triton GPU target" in proc.stdout
     assert elapsed < 60, f"quick selfcheck took {elapsed:.1f}s"
 

@@ -34,7 +34,7 @@ def test_completions(server):
     r = post(base + "/v1/completions", {"model": "tiny", "prompt": "the capital of france is",
                                         "max_tokens": 6, "temperature": 0})
     assert r["choices"][0]["text"] and r["usage"]["completion_tokens"] == 6
-    assert "int4xpu: kernel backend 'cpu'" in log.read_text()
+    assert "int4xpu: kernel backend 'cpu_native'" in log.read_text()
 
 
 def test_chat_completions(server):

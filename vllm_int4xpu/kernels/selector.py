@@ -30,6 +30,7 @@ BACKENDS: dict[str, str] = {
     "xpu_vllm_kernels": "vllm_int4xpu.kernels.xpu_vllm_kernels:XpuVllmKernelsKernel",
     "ipex": "vllm_int4xpu.kernels.ipex:IpexKernel",
     "triton": "vllm_int4xpu.kernels.triton_backend:TritonKernel",
+    "cpu_native": "vllm_int4xpu.kernels.cpu_native:CpuNativeKernel",
     "cpu": "vllm_int4xpu.kernels.cpu:CpuKernel",
     "reference": "vllm_int4xpu.kernels.reference:ReferenceKernel",
 }
@@ -40,13 +41,15 @@ ORDER: dict[str, tuple[str, ...]] = {
     # without the aten op; IPEX is pinned to one torch minor version and unverified: after Triton.
     "xpu": ("xpu_onednn", "xpu_vllm_kernels", "triton", "ipex", "reference"),
     "cuda": ("triton", "reference"),
-    "cpu": ("cpu", "reference"),
+    # the project's own kernel (built on first use); torch's int4 op where it cannot be built
+    "cpu": ("cpu_native", "cpu", "reference"),
 }
 
 # Fused-MoE backends (kernels/moe_*.py), same rules.
 MOE_BACKENDS: dict[str, str] = {
     "xpu_onednn": "vllm_int4xpu.kernels.moe_per_expert:XpuOneDnnMoEKernel",
     "triton": "vllm_int4xpu.kernels.moe_triton:TritonMoEKernel",
+    "cpu_native": "vllm_int4xpu.kernels.moe_per_expert:CpuNativeMoEKernel",
     "cpu": "vllm_int4xpu.kernels.moe_per_expert:CpuMoEKernel",
     "reference": "vllm_int4xpu.kernels.moe_per_expert:ReferenceMoEKernel",
 }
@@ -55,7 +58,7 @@ MOE_BACKENDS: dict[str, str] = {
 MOE_ORDER: dict[str, tuple[str, ...]] = {
     "xpu": ("triton", "xpu_onednn", "reference"),
     "cuda": ("triton", "reference"),
-    "cpu": ("cpu", "reference"),
+    "cpu": ("cpu_native", "cpu", "reference"),
 }
 
 

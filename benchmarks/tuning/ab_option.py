@@ -1,6 +1,6 @@
 """A/B one launch option of the Triton kernels on top of the tuned table, in one run (GPU).
 
-    python3 benchmarks/ab_option.py --option K_FASTEST --values 0,1 --ms 1,2,4,8,16
+    python3 benchmarks/tuning/ab_option.py --option K_FASTEST --values 0,1 --ms 1,2,4,8,16
 
 For every shape and M, the dispatcher's own (algorithm, config) is timed as is and once per value
 of the option (CUDA-graph replays over >= 256 MB of weight copies, as bench_kernels.py), with the

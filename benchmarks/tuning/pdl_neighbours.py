@@ -1,6 +1,6 @@
 """What programmatic dependent launch (PDL) buys next to other kernels, not only itself (GPU).
 
-    python3 benchmarks/pdl_neighbours.py --ms 1,16
+    python3 benchmarks/tuning/pdl_neighbours.py --ms 1,16
 
 bench_kernels.py times back-to-back calls of the int4 GEMM, so with PDL each call's start
 overlaps the previous call's tail. In a model the kernel before a linear layer is something else
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section WarpStateStats --section SchedulerStats --section LaunchStats \
-        python3 benchmarks/ncu_small_m.py --shape 4096x28672 --m 1 \
+        python3 benchmarks/tuning/ncu_small_m.py --shape 4096x28672 --m 1 \
         --cfg '{"algo": "gemv", "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4}'
 
 Only the calls between cudaProfilerStart/Stop are profiled (after a warm-up that compiles).
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels (--tinygemm)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 from vllm_int4xpu.weight import ZeroKind, quantize_rtn  # noqa: E402
 

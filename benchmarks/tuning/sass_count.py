@@ -1,13 +1,13 @@
 """Count the SASS instructions of a Triton int4 kernel's main loop, on a machine with no GPU.
 
 Triton compiles for sm_90 offline (its wheel ships ptxas and nvdisasm), so the instruction cost
-of a kernel change can be read before any GPU time is spent. The GEMV is issue-bound on H100
-(ncu: ~75 % of issue slots busy at 44 % of DRAM bandwidth), so instructions per weight in the
-loop predict its speed.
+of a kernel change can be read before any GPU time is spent, and two variants can be checked for
+compiling to the same SASS. The current kernels are latency-bound on the H100/H200, not
+issue-bound (BENCHMARKS.md), so fewer instructions alone do not predict a faster kernel.
 
-    python benchmarks/sass_count.py gemv --block-n 128 --block-k 128 --num-warps 4 --m 1
-    python benchmarks/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
-    python benchmarks/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128 --frag 2
+    python benchmarks/tuning/sass_count.py gemv --block-n 128 --block-k 128 --num-warps 4 --m 1
+    python benchmarks/tuning/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
+    python benchmarks/tuning/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128 --frag 2
 
 Prints the loop body's instruction histogram and instructions per weight per thread.
 Use the Triton version of the target machine for numbers that match it (e.g. PYTHONPATH to a
@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vllm_int4xpu.kernels.triton_kernels import gemm, gemv  # noqa: E402
 
 POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",

@@ -1,7 +1,7 @@
 """Where the time of the large-M path goes (GPU): dequantize + cuBLAS against cuBLAS alone.
 
-    python3 benchmarks/large_m_parts.py --ms 512,2048
-    python3 benchmarks/large_m_parts.py --ms 2048 --variants '{"BLOCK_N": 32}'
+    python3 benchmarks/tuning/large_m_parts.py --ms 512,2048
+    python3 benchmarks/tuning/large_m_parts.py --ms 2048 --variants '{"BLOCK_N": 32}'
 
 Per shape and M, in one run and with the same CUDA-graph method as bench_kernels.py (replays over
 distinct weight copies that defeat the L2), prints the µs of
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 from vllm_int4xpu.kernels.triton_kernels import ZERO_FLOAT, int4_dequantize  # noqa: E402
@@ -64,7 +64,7 @@ def parts(K, N, M, ws, cfg):
            "path": time_graph([lambda w=w: int4_matmul(x, w.qweight, w.scales, w.zeros,
                                                        w.zero_kind, GROUP, algo="dequant", **cfg)
                                for w in ws])}
-    del dense, buf
+    dense = buf = None
     return res
 
 

@@ -1,6 +1,6 @@
 """Time the dispatcher's row against variants of it, in one run (GPU).
 
-    python3 benchmarks/sweep_overrides.py --ms 2,16,64 \
+    python3 benchmarks/tuning/sweep_overrides.py --ms 2,16,64 \
         --variants '{"PERSIST": 3}' '{"PERSIST": 5, "BLOCK_N": 128}'
 
 For every shape and M, the tuned (algorithm, config) is timed as is and with each variant's keys
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_kernels import GROUP, SHAPES, time_graph, tuned_rows  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 

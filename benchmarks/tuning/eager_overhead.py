@@ -1,6 +1,6 @@
 """Host-side cost of one eager call (no CUDA graph) of the Triton backend, on a GPU machine.
 
-    python3 benchmarks/eager_overhead.py [--profile]
+    python3 benchmarks/tuning/eager_overhead.py [--profile]
 
 Times back-to-back eager calls of a decode-sized layer (K = N = 4096, M = 1) through
 ``Int4Linear`` and through ``int4_matmul`` against ``F.linear`` in bf16, so the host cost per call
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from vllm_int4xpu.kernels import Int4Linear  # noqa: E402
 from vllm_int4xpu.kernels.triton_backend import int4_matmul  # noqa: E402
 from vllm_int4xpu.weight import ZeroKind, quantize_rtn  # noqa: E402

@@ -1,0 +1,123 @@
+"""The project's own CPU kernel (``kernels/cpu_native.py``, ``csrc/int4_cpu.cpp``) against the
+float64 oracle: both zero-point kinds and symmetric, every group size (the bf16 dot-product path
+needs groups of 32k, the others take the fp32 path), per-channel, ragged M/N/K on both sides of
+the direct/dense switch, three activation dtypes, act-order; and the fallback when the library
+cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from vllm_int4xpu.kernels import Int4Linear, Int4LinearSpec, select_kernel
+from vllm_int4xpu.kernels import cpu_native
+from vllm_int4xpu.weight import ZeroKind, quantize_rtn, reference_linear
+
+KINDS = [ZeroKind.NONE, ZeroKind.INT, ZeroKind.FLOAT]
+TOL = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-5}
+
+if cpu_native.load_library()[0] is None:  # pragma: no cover - needs a C++ compiler
+    pytest.skip(f"native CPU kernel unavailable: {cpu_native.load_library()[1]}",
+                allow_module_level=True)
+
+
+def rel_err(y, ref):
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def run(w, x, dtype, bias=None):
+    lin = Int4Linear(w, dtype, "cpu", backend="cpu_native")
+    assert lin.backend == "cpu_native"
+    return lin(x, bias)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", [16, 32, 48, 64, 128, 256, -1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matches_float64_every_group_and_kind(kind, group, dtype):
+    K = 768 if group != 48 else 528
+    N = 83  # odd: the last output channel runs alone
+    torch.manual_seed(abs(group) * 3 + len(kind.value))
+    w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=dtype
+                     if dtype != torch.float32 else torch.bfloat16)
+    bias = torch.randn(N, dtype=dtype)
+    for M in (1, 2, 3, 4, 5, 9, cpu_native.DENSE_MIN_M - 1, cpu_native.DENSE_MIN_M, 41):
+        x = torch.randn(M, K, dtype=dtype)
+        err = rel_err(run(w, x, dtype, bias), reference_linear(x.double(), w, bias.double()))
+        assert err < TOL[dtype], (M, err)
+
+
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_act_order_and_3d_input(M):
+    torch.manual_seed(5)
+    w = quantize_rtn(torch.randn(48, 256), 64, ZeroKind.INT)
+    w.g_idx = (torch.randperm(256) // 64).to(torch.int32)
+    x = torch.randn(2, M, 256, dtype=torch.bfloat16)
+    y = run(w, x, torch.bfloat16)
+    assert y.shape == (2, M, 48)
+    assert rel_err(y.reshape(-1, 48), reference_linear(x.reshape(-1, 256).double(), w)) < 8e-3
+
+
+def test_dense_path_spans_several_tiles(monkeypatch):
+    monkeypatch.setattr(cpu_native, "TILE_ROWS", 32)
+    torch.manual_seed(6)
+    w = quantize_rtn(torch.randn(100, 256), 32, ZeroKind.FLOAT)
+    x = torch.randn(cpu_native.DENSE_MIN_M + 3, 256, dtype=torch.bfloat16)
+    assert rel_err(run(w, x, torch.bfloat16), reference_linear(x.double(), w)) < 8e-3
+
+
+def test_a_wrong_offset_is_caught():
+    """The oracle check has teeth: one zero point off by one fails it."""
+    torch.manual_seed(9)
+    w = quantize_rtn(torch.randn(32, 128), 32, ZeroKind.INT)
+    lin = Int4Linear(w, torch.float32, "cpu", backend="cpu_native")
+    w.zeros = (w.zeros + 1).clamp(max=15)
+    x = torch.randn(4, 128)
+    assert rel_err(lin(x), reference_linear(x, w)) > 1e-2
+
+
+def _fresh_library(monkeypatch, tmp_path, **env):
+    cpu_native.load_library.cache_clear()
+    monkeypatch.setenv("VLLM_INT4XPU_CACHE", str(tmp_path / "cache"))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def restore_library():
+    yield
+    cpu_native.load_library.cache_clear()
+
+
+def test_falls_back_to_torch_op_when_the_build_fails(monkeypatch, tmp_path, caplog,
+                                                     restore_library):
+    bad = tmp_path / "bad-cxx"
+    bad.write_text("#!/bin/sh\necho 'error: no compiler here' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    _fresh_library(monkeypatch, tmp_path, CXX=str(bad))
+    w = quantize_rtn(torch.randn(64, 128), 64, ZeroKind.INT)
+    spec = Int4LinearSpec.of(w, torch.bfloat16, "cpu")
+    with caplog.at_level(logging.INFO, logger="vllm.int4xpu"):
+        assert select_kernel(spec).name == "cpu"
+    text = " ".join(r.message for r in caplog.records)
+    assert "cpu_native" in text and "building csrc/int4_cpu.cpp failed" in text
+    assert "no compiler here" in text
+    assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left
+
+
+def test_disabled_by_env_and_built_into_the_cache(monkeypatch, tmp_path, restore_library):
+    _fresh_library(monkeypatch, tmp_path, VLLM_INT4XPU_CPU_NATIVE="0")
+    spec = Int4LinearSpec(128, 64, 64, ZeroKind.INT, False, torch.bfloat16, "cpu")
+    ok, why = cpu_native.CpuNativeKernel.can_implement(spec)
+    assert not ok and "VLLM_INT4XPU_CPU_NATIVE=0" in why
+    _fresh_library(monkeypatch, tmp_path, VLLM_INT4XPU_CPU_NATIVE="1")
+    assert cpu_native.CpuNativeKernel.can_implement(spec) == (True, None)
+    assert len(list((tmp_path / "cache").glob("int4_cpu_*.so"))) == 1
+
+
+def test_refuses_k_not_multiple_of_16():
+    spec = Int4LinearSpec(120, 64, 120, ZeroKind.INT, False, torch.bfloat16, "cpu")
+    ok, why = cpu_native.CpuNativeKernel.can_implement(spec)
+    assert not ok and "multiples of 16" in why
