@@ -39,7 +39,7 @@ def _linear_fake(x, tensors, bias, backend, spec_key):
 # Registered through the dispatcher directly (schema + one CompositeExplicitAutograd kernel + a
 # fake), as vLLM registers its own ops: ``torch.library.custom_op`` wraps every eager call in
 # Python-level autograd, device dispatch and aliasing checks, which measured ~175 µs per call on
-# an H100 host (benchmarks/eager_overhead.py), several times the kernel itself at decode sizes.
+# an H100 host (benchmarks/tuning/eager_overhead.py), several times the kernel itself at decode sizes.
 _LIB = torch.library.Library("int4xpu", "FRAGMENT")  # noqa: TOR901 (inference only, no autograd)
 _LIB.define("linear(Tensor x, Tensor[] tensors, Tensor? bias, str backend, str spec_key) -> Tensor")
 _LIB.impl("linear", _linear_impl, "CompositeExplicitAutograd")

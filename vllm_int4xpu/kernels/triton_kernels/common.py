@@ -228,7 +228,7 @@ def use_pdl(requested, device) -> bool:
     """Whether a launch uses PDL: VLLM_INT4XPU_PDL=1/0 forces it on/off, else the config's PDL
     option decides; never where unsupported. Off by default: on H100 it paid only between
     back-to-back int4 GEMMs, not after the ordinary kernels that precede a linear layer in a
-    model (benchmarks/pdl_neighbours.py)."""
+    model (benchmarks/tuning/pdl_neighbours.py)."""
     if _PDL_ENV not in ("", "0", "1"):
         from ...errors import Int4FormatError
         raise Int4FormatError("bad value of the PDL switch", tensor=ENV_PDL,

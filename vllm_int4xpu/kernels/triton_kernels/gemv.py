@@ -8,7 +8,7 @@ accumulator is 2-D ([BN, BK/32]: each thread's four words of a 16-byte load are 
 per tile), so the one cross-lane reduction along K happens after the loop. Two planes come from one
 shift (``nibble_pair_as_float``); inside a group w = q*s + b, so scale and offset are applied once
 per tile on the sums. What is left per weight is about one shift per two weights, one LOP3 and one
-FMA (4.1 SASS instructions per weight at M = 1 with 72 registers, ``benchmarks/sass_count.py``,
+FMA (4.1 SASS instructions per weight at M = 1 with 72 registers, ``benchmarks/tuning/sass_count.py``,
 against 6.5 for the earlier interleaved unpack), and x is read as int32 pairs of bf16/fp16.
 
 K_FASTEST (default) makes the split index the fastest grid dimension, so the K splits of one N
