@@ -1,8 +1,8 @@
 """The project's own CPU kernel (``kernels/cpu_native.py``, ``csrc/int4_cpu.cpp``) against the
-float64 oracle: both zero-point kinds and symmetric, every group size (the bf16 dot-product path
-needs groups of 32k, the others take the fp32 path), per-channel, ragged M/N/K on both sides of
-the direct/dense switch, three activation dtypes, act-order; and the fallback when the library
-cannot be built."""
+float64 oracle: both zero-point kinds and symmetric, every group size (the AMX path takes bf16
+with groups of 32k, the FMA path the rest), per-channel, ragged M (AMX row blocks of 16) and N
+(blocks of 16 channels), three activation dtypes, act-order; the AMX and FMA paths against each
+other; and the fallback when the library cannot be built."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_matches_float64_every_group_and_kind(kind, group, dtype):
     w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=dtype
                      if dtype != torch.float32 else torch.bfloat16)
     bias = torch.randn(N, dtype=dtype)
-    for M in (1, 2, 3, 4, 5, 9, cpu_native.DENSE_MIN_M - 1, cpu_native.DENSE_MIN_M, 41):
+    # AMX row blocks of 16 and a ragged tail; from DENSE_MIN_M rows the dequantize + GEMM path
+    for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70):
         x = torch.randn(M, K, dtype=dtype)
         err = rel_err(run(w, x, dtype, bias), reference_linear(x.double(), w, bias.double()))
         assert err < TOL[dtype], (M, err)
@@ -60,12 +61,18 @@ def test_act_order_and_3d_input(M):
     assert rel_err(y.reshape(-1, 48), reference_linear(x.reshape(-1, 256).double(), w)) < 8e-3
 
 
-def test_dense_path_spans_several_tiles(monkeypatch):
-    monkeypatch.setattr(cpu_native, "TILE_ROWS", 32)
+def test_fma_path_matches_the_amx_path(monkeypatch):
+    """bf16 activations on both vector paths (AMX and the AVX-512 FMA one): same result up to
+    fp32 summation order."""
     torch.manual_seed(6)
     w = quantize_rtn(torch.randn(100, 256), 32, ZeroKind.FLOAT)
-    x = torch.randn(cpu_native.DENSE_MIN_M + 3, 256, dtype=torch.bfloat16)
-    assert rel_err(run(w, x, torch.bfloat16), reference_linear(x.double(), w)) < 8e-3
+    x = torch.randn(37, 256, dtype=torch.bfloat16)
+    ref = reference_linear(x.double(), w)
+    amx = run(w, x, torch.bfloat16)
+    monkeypatch.setattr(cpu_native, "amx_enabled", lambda: False)
+    fma = run(w, x, torch.bfloat16)
+    assert rel_err(amx, ref) < 8e-3 and rel_err(fma, ref) < 8e-3
+    assert rel_err(fma, amx.double()) < 8e-3
 
 
 def test_a_wrong_offset_is_caught():

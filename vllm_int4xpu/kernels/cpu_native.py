@@ -1,24 +1,23 @@
 """Backend ``cpu_native``: the project's own int4 CPU kernel (``csrc/int4_cpu.cpp``).
 
-It computes from the canonical codes (one copy of the weight: 0.5 byte per weight plus an fp32
-scale and offset per group and output channel), with fp32 accumulation and the exact
-dequantized weights w = q * s + b (b = -zp * s for integer zero points, z - 8 s for float ones),
-so both zero-point kinds run the same code at the same speed:
+One kernel for every M, from one copy of the codes (0.5 byte per weight, regrouped at load into
+blocks of 16 output channels) plus an fp32 scale and offset per group and channel. The codes are
+multiplied exactly as (16 + q) and the group's scale and offset applied once per group, in fp32
+(see the C++ file), so both zero-point kinds run the same code at the same speed and the result
+is the exactly dequantized model's, up to fp32 summation order:
 
-* M < ``DENSE_MIN_M`` rows: ``int4_gemm``, AVX-512: 16 codes unpacked to fp32 in registers per
-  load and multiplied with up to 4 activation rows; the scale is applied once per group and the
-  offset through the group sums of x;
-* from ``DENSE_MIN_M`` rows: ``int4_dequant`` writes ``TILE_ROWS`` output channels of w (bf16 for
-  bf16 activations, rounded once from fp32) into a cache-sized tile, and torch's dense GEMM
-  (oneDNN, AMX/AVX-512 where the CPU has them) multiplies it; tile by tile.
+* bf16 activations on a CPU with AMX: the codes of 16 channels become AMX B tiles in L1/L2 once
+  per call, and TDPBF16PS multiplies them with up to 16 rows of x at a time;
+* fp32/fp16 activations, or no AMX: AVX-512 FMAs over the same blocks (scalar loops without
+  AVX-512).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else g++, else c++;
 vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp``, into a cache directory
 keyed by the source, the compiler and this CPU (``$VLLM_INT4XPU_CACHE``, else
-``$XDG_CACHE_HOME/vllm_int4xpu``, else ``~/.cache/vllm_int4xpu``), ~2 s. Without a compiler,
-or if the build fails, the backend refuses with the reason and the selector falls back to
-``cpu`` (torch's int4 op). It links the libgomp torch has loaded (same soname), so its threads
-are torch's threads (``torch.get_num_threads()``).
+``$XDG_CACHE_HOME/vllm_int4xpu``, else ``~/.cache/vllm_int4xpu``), a few seconds. Without a
+compiler, or if the build fails, the backend refuses with the reason and the selector falls back
+to ``cpu`` (torch's int4 op). It links the libgomp torch has loaded (same soname), so its
+threads are torch's threads (``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
@@ -40,10 +39,22 @@ from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_
 
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-# Rows from which dequantize-a-tile + dense GEMM beats the direct kernel (benchmarks/bench_cpu.py)
-DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "16"))
-TILE_ROWS = 4096  # output channels dequantized per tile on the dense path (measured)
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Rows from which w^T is dequantized whole (into a reused buffer) and multiplied by torch's GEMM
+# (oneDNN: AMX blocking over M and N) instead of the direct kernel (benchmarks/bench_cpu.py).
+DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
+_SCRATCH: dict = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused buffer (per thread and dtype) for the dense path, grown to the largest layer
+    seen, so prefill does not fault in a fresh K x N buffer on every call."""
+    import threading
+    key = (threading.get_ident(), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _cache_dir() -> Path:
@@ -98,42 +109,47 @@ def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"csrc/int4_cpu.cpp unavailable ({type(e).__name__}: {e})"
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint]
-    dll.int4_dequant.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, cint, cint]
-    dll.int4_gemm.restype = dll.int4_dequant.restype = dll.int4_cpu_has_avx512.restype = cint
+    dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint, cint]
+    dll.int4_pack_blocks.argtypes = [ptr, i64, i64, ptr, cint]
+    dll.int4_dequant_t.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint, cint]
+    dll.int4_gemm.restype = dll.int4_pack_blocks.restype = cint
+    dll.int4_dequant_t.restype = dll.int4_cpu_features.restype = cint
     return dll, None
 
 
-_SCRATCH: dict = {}
-
-
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reused buffer of at least ``numel`` elements (one per dtype and thread), so the dense
-    path does not fault in fresh pages on every call. Grows to the largest tile seen."""
-    import threading
-    key = (threading.get_ident(), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
-
-
 def scale_offset(w: Int4Weight) -> torch.Tensor:
-    """fp32 [N, G, 2]: (s, b) with w = q * s + b for every zero-point kind."""
-    s = w.scales.to(torch.float32)
+    """fp32 [NB, G, 2, 16]: per block of 16 channels and group, (s, b - 16 s) with
+    w = q * s + b for every zero-point kind; channels past N get 0."""
+    s = w.scales.to(torch.float32)  # [G, N]
     if w.zero_kind == ZeroKind.NONE:
         b = -8.0 * s
     elif w.zero_kind == ZeroKind.INT:
         b = -w.zeros.to(torch.float32) * s
     else:
         b = w.zeros.to(torch.float32) - 8.0 * s
-    return torch.stack([s, b], dim=-1).transpose(0, 1).contiguous()
+    G, N = s.shape
+    nb = -(-N // 16)
+    out = torch.zeros(G, 2, nb * 16, dtype=torch.float32)
+    out[:, 0, :N] = s
+    out[:, 1, :N] = b - 16.0 * s
+    return out.view(G, 2, nb, 16).permute(2, 0, 1, 3).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def amx_enabled() -> bool:
+    """Ask Linux for the AMX register state (torch's helper); False where it is refused."""
+    lib, _ = load_library()
+    if lib is None or not lib.int4_cpu_features() & 2:
+        return False
+    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    return bool(init()) if init is not None else False
 
 
 class CpuNativeKernel(Int4Kernel):
     name = "cpu_native"
-    # qweight: canonical int32 [N, K/8]; sb: fp32 [N, G, 2]; perm: act-order gather (or empty)
-    tensor_names = ("qweight", "sb", "perm")
+    # qb: uint8 [NB, K/2, 16] codes in blocks of 16 channels; sb: fp32 [NB, G, 2, 16];
+    # perm: act-order gather (or empty)
+    tensor_names = ("qb", "sb", "perm")
 
     @classmethod
     def can_implement(cls, spec: Int4LinearSpec):
@@ -150,36 +166,34 @@ class CpuNativeKernel(Int4Kernel):
         return True, None
 
     def prepare(self, w: Int4Weight) -> dict[str, torch.Tensor]:
+        lib, _ = load_library()
         w, perm = permute_for_act_order(w)
-        return {"qweight": w.qweight.contiguous(), "sb": scale_offset(w), "perm": perm}
+        N, K = w.out_features, w.in_features
+        qb = torch.empty(-(-N // 16), K // 2, 16, dtype=torch.uint8)
+        rc = lib.int4_pack_blocks(w.qweight.contiguous().data_ptr(), N, K, qb.data_ptr(),
+                                  torch.get_num_threads())
+        assert rc == 0, rc
+        amx_enabled()  # once per process, before the first call
+        return {"qb": qb, "sb": scale_offset(w), "perm": perm}
 
     def apply(self, tensors, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        qweight, sb, perm = tensors
+        qb, sb, perm = tensors
         lib, _ = load_library()
         x = gather_act_order(x, perm).contiguous()
         M, K = x.shape
-        N, g = self.spec.out_features, self.spec.group_size
-        threads = torch.get_num_threads()
-        if M < DENSE_MIN_M or M == 0:
-            y = torch.empty(M, N, dtype=x.dtype)
-            if M:
-                rc = lib.int4_gemm(x.data_ptr(), _DT[x.dtype], M, K, qweight.data_ptr(),
-                                   sb.data_ptr(), N, g, y.data_ptr(), _DT[x.dtype], threads)
-                assert rc == 0, rc
+        N = self.spec.out_features
+        g, threads = self.spec.group_size, torch.get_num_threads()
+        if M >= DENSE_MIN_M > 0:
+            wt = _scratch(K * N, x.dtype).view(K, N)
+            rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
+                                    _DT[x.dtype], threads)
+            assert rc == 0, rc
+            y = torch.mm(x, wt)
         else:
-            # y^T tile by tile: tile [rows, K] @ x^T -> y^T[r0:r1] (contiguous rows; measured
-            # faster than x @ tile^T into a column slice of y)
-            rows = min(TILE_ROWS, N)
-            tile = _scratch(rows * K, x.dtype).view(rows, K)
-            yt = torch.empty(N, M, dtype=x.dtype)
-            xt = x.t()
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
-                rc = lib.int4_dequant(qweight.data_ptr(), sb.data_ptr(), r0, r1, K, g,
-                                      tile.data_ptr(), _DT[x.dtype], threads)
-                assert rc == 0, rc
-                torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
-            y = yt.t().contiguous()
+            y = torch.empty(M, N, dtype=x.dtype)
+            rc = lib.int4_gemm(x.data_ptr(), _DT[x.dtype], M, K, qb.data_ptr(), sb.data_ptr(),
+                               N, g, y.data_ptr(), _DT[x.dtype], int(amx_enabled()), threads)
+            assert rc == 0, rc
         if bias is not None:
             y = y + bias
         return y

@@ -1,25 +1,31 @@
-// int4 weight-only GEMM on the CPU, straight from the canonical layout (no repacking).
+// int4 weight-only GEMM on the CPU: y[M, N] = x[M, K] @ w^T, fp32 accumulation, every M.
 //
-// Weight: qweight int32 [N, K/8], code of (n, k) = nibble k%8 of word k/8 (0..15), so one row's
-// codes are contiguous and little-endian bytes hold codes (2j, 2j+1) in (low, high) nibbles.
-// sb float32 [N, G, 2]: per output channel n and group g, (scale s, offset b) with
-// w[n, k] = q[n, k] * s + b  (b = -zp*s for integer zero points, z - 8 s for float ones).
+// Weight layout (written once at load by int4_pack_blocks; one copy of the codes):
+//   qb uint8 [NB, K/2, 16], NB = ceil(N/16): block j holds output channels 16j..16j+15; byte
+//      (j, p, c) holds the codes of k = 2p (low nibble) and 2p+1 (high nibble) of channel 16j+c
+//      (channels past N hold code 0);
+//   sb float32 [NB, G, 2, 16]: per block, group g and channel c the scale s and the offset
+//      b' = b - 16 s, where w = q * s + b (b = -zp*s for integer zero points, z - 8 s for float
+//      ones, -8 s symmetric).
+// Every path multiplies the exact codes as (16 + q) (16..31 are exact in bf16) and applies
+// s per group and b' through the group sums of x: y = sum_g s_g . sum_k (16 + q) x + b'_g sum_k x.
 //
-// Two entry points, both C ABI (loaded with ctypes; no torch headers, so the build takes ~2 s):
-//   int4_gemm:    y[M, N] = x[M, K] @ w^T, fp32 accumulation, for small M. Per output channel
-//                 and group: sum_k q*x on the codes (converted to fp32 in registers), then
-//                 y += s * that + b * sum_k x (the group sums of x are taken once per call).
-//   int4_dequant: rows [n0, n1) of w as bf16/fp16/fp32 (q*s + b in fp32, rounded once), for the
-//                 large-M path that multiplies cache-sized tiles with the BLAS GEMM.
-// Threads: OpenMP, nthreads given by the caller (torch's own count; the library links the same
-// libgomp that torch loaded, so the pool and its core binding are shared).
+// Paths (C ABI, loaded with ctypes; no torch headers, so the build takes seconds):
+//   * bf16 x on a CPU with AMX: per block of 16 channels, the codes of the whole K become AMX B
+//     tiles once (16 K-pairs x 16 channels, VNNI order, 1 KB each), then every block of up to 16
+//     rows of x runs TDPBF16PS over them, one C tile per group, scaled and summed in registers;
+//   * otherwise (fp32/fp16 x, or no AMX) with AVX-512: the same blocks as an outer product, 16
+//     channels per vector, fp32 FMAs;
+//   * no AVX-512: the same arithmetic in scalar loops.
+// Threads: OpenMP over the channel blocks, nthreads given by the caller (torch's count; the
+// library links the libgomp torch has loaded, so the threads are torch's).
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 #include <vector>
-#include <algorithm>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AMX_TILE__)
 #include <immintrin.h>
 #endif
 
@@ -96,257 +102,292 @@ inline void store_from_f32(void* p, int64_t i, float v, int dt) {
     else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 
-constexpr int MB = 4;  // activation rows per pass over a weight row
-
-#ifdef __AVX512F__
-// 16 codes k..k+15 of a row (8 bytes) as fp32, in k order.
-inline __m512 codes16(const uint8_t* p) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(b, m);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
-}
-
-// Rows [m0, m0 + R) of y for output channel n (R <= MB). xf: fp32 x [M, K]; xs: group sums
-// [M, G]. K % 16 == 0 and group % 16 == 0 (checked by the caller).
-template <int R>
-inline void gemm_row(const float* xf, const float* xs, const uint8_t* qrow, const float* sb,
-                     int64_t K, int64_t G, int64_t group, int64_t m0, float* out) {
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    float boff[R] = {};
-    for (int64_t g = 0; g < G; ++g) {
-        __m512 accg[R];
-        for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
-        const int64_t k0 = g * group, k1 = k0 + group;
-        for (int64_t k = k0; k < k1; k += 16) {
-            const __m512 q = codes16(qrow + k / 2);
-            for (int r = 0; r < R; ++r)
-                accg[r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(xf + (m0 + r) * K + k), accg[r]);
-        }
-        const __m512 s = _mm512_set1_ps(sb[2 * g]);
-        const float b = sb[2 * g + 1];
-        for (int r = 0; r < R; ++r) {
-            acc[r] = _mm512_fmadd_ps(accg[r], s, acc[r]);
-            boff[r] += b * xs[(m0 + r) * G + g];
-        }
-    }
-    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + boff[r];
-}
-#endif
-
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-// bf16 activations: codes become bf16 (16 + q) in place of q, exactly (16..31 step 1/8 is
-// representable), and VDPBF16PS multiplies 32 of them with 32 bf16 x per instruction into 16
-// fp32 lanes (exact products). sum (16 + q) x = sum q x + 16 sum x: the caller's offset is
-// b - 16 s. Byte j of a row holds codes (2j, 2j+1), which is the pair order VDPBF16PS wants.
-inline __m512bh codes32_bf16(const uint8_t* p) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i both = _mm512_or_si512(_mm512_slli_epi32(d, 3), _mm512_slli_epi32(d, 15));
-    // (both & 0x00780078) | 0x41804180: low code in bits 3..6, high code in bits 19..22
-    return (__m512bh)_mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x00780078),
-                                               _mm512_set1_epi32(0x41804180), 0xEA);
-}
-
-// Output channels n and n + 1 (two independent chains), rows m0..m0+R. xb: bf16 x [M, K].
-template <int R, int C>
-inline void gemm_rows_bf16(const uint16_t* xb, const float* xs, const uint8_t* q0,
-                           const float* sb0, int64_t K, int64_t G, int64_t group, int64_t m0,
-                           float* out /* [C][R] */) {
-    __m512 acc[C][R];
-    float boff[C][R] = {};
-    for (int c = 0; c < C; ++c)
-        for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
-        __m512 accg[C][R];
-        for (int c = 0; c < C; ++c)
-            for (int r = 0; r < R; ++r) accg[c][r] = _mm512_setzero_ps();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m512bh w[C];
-            for (int c = 0; c < C; ++c) w[c] = codes32_bf16(q0 + c * (K / 2) + k / 2);
-            for (int r = 0; r < R; ++r) {
-                const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + (m0 + r) * K + k);
-                for (int c = 0; c < C; ++c) accg[c][r] = _mm512_dpbf16_ps(accg[c][r], w[c], xv);
-            }
-        }
-        for (int c = 0; c < C; ++c) {
-            const float s = sb0[c * G * 2 + 2 * g], b = sb0[c * G * 2 + 2 * g + 1] - 16.0f * s;
-            const __m512 vs = _mm512_set1_ps(s);
-            for (int r = 0; r < R; ++r) {
-                acc[c][r] = _mm512_fmadd_ps(accg[c][r], vs, acc[c][r]);
-                boff[c][r] += b * xs[(m0 + r) * G + g];
-            }
-        }
-    }
-    for (int c = 0; c < C; ++c)
-        for (int r = 0; r < R; ++r) out[c * R + r] = _mm512_reduce_add_ps(acc[c][r]) + boff[c][r];
-}
-
-template <int R>
-inline void gemm_pair_bf16(const uint16_t* xb, const float* xs, const uint8_t* qb,
-                           const float* sb, int64_t K, int64_t G, int64_t group, int64_t n,
-                           int64_t N, int64_t m0, void* y, int y_dt) {
-    float out[2 * R];
-    const uint8_t* q0 = qb + n * (K / 2);
-    const float* sb0 = sb + n * G * 2;
-    if (n + 1 < N) {
-        gemm_rows_bf16<R, 2>(xb, xs, q0, sb0, K, G, group, m0, out);
-        for (int r = 0; r < R; ++r) {
-            store_from_f32(y, (m0 + r) * N + n, out[r], y_dt);
-            store_from_f32(y, (m0 + r) * N + n + 1, out[R + r], y_dt);
-        }
-    } else {
-        gemm_rows_bf16<R, 1>(xb, xs, q0, sb0, K, G, group, m0, out);
-        for (int r = 0; r < R; ++r) store_from_f32(y, (m0 + r) * N + n, out[r], y_dt);
-    }
-}
-#define INT4_HAVE_BF16_DP 1
-#endif
-
-// Portable version of gemm_row (no AVX-512): same arithmetic, scalar.
-inline void gemm_row_scalar(const float* xf, const float* xs, const uint8_t* qrow,
-                            const float* sb, int64_t K, int64_t G, int64_t group, int64_t m0,
-                            int R, float* out) {
-    for (int r = 0; r < R; ++r) {
-        const float* xr = xf + (m0 + r) * K;
-        float acc = 0.f;
-        for (int64_t g = 0; g < G; ++g) {
-            float accg = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-                const uint8_t byte = qrow[k / 2];
-                accg += float(byte & 0x0f) * xr[k] + float(byte >> 4) * xr[k + 1];
-            }
-            acc += sb[2 * g] * accg + sb[2 * g + 1] * xs[(m0 + r) * G + g];
-        }
-        out[r] = acc;
-    }
-}
-
-}  // namespace
-
-extern "C" {
-
-// 1 when this build vectorizes with AVX-512 (else the portable loops).
-int int4_cpu_has_avx512() {
-#ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const int32_t* qweight,
-              const float* sb, int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
-    if (K % 16 || group % 16 || K % group) return 1;
+// x as fp32 [M, K] and its group sums [M, G].
+void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t group,
+                          std::vector<float>& xf, std::vector<float>& xs) {
     const int64_t G = K / group;
-    std::vector<float> xf(size_t(M * K)), xs(size_t(M * G));
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_f32(x, i, x_dt);
+    xf.resize(size_t(M * K));
+    xs.assign(size_t(M * G), 0.f);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_f32(x, i, dt);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < G; ++g) {
             float s = 0.f;
             for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xf[m * K + k];
             xs[m * G + g] = s;
         }
-    const uint8_t* qb = reinterpret_cast<const uint8_t*>(qweight);
-#ifdef INT4_HAVE_BF16_DP
-    if (x_dt == BF16 && group % 32 == 0) {
-        const uint16_t* xb = static_cast<const uint16_t*>(x);
+}
+
+void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
+    const int64_t cols = std::min<int64_t>(16, N - n0);
+    for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
+}
+
+#ifdef __AVX512F__
+// fp32 outer product: one block of 16 channels, rows [m0, m0 + R) of x.
+template <int R>
+void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float* sbj, int64_t K,
+               int64_t G, int64_t group, int64_t m0, float* out /* [R][16] */) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const __m128i lowmask = _mm_set1_epi8(0x0f);
+    const __m512 sixteen = _mm512_set1_ps(16.f);
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 accg[R];
+        for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
+        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qj + p * 16));
+            const __m512 lo = _mm512_add_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lowmask))), sixteen);
+            const __m512 hi = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), sixteen);
+            for (int r = 0; r < R; ++r) {
+                const float* xr = xf + (m0 + r) * K + 2 * p;
+                accg[r] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xr[0]), accg[r]);
+                accg[r] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xr[1]), accg[r]);
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(sbj + g * 32), bo = _mm512_loadu_ps(sbj + g * 32 + 16);
+        for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_fmadd_ps(bo, _mm512_set1_ps(xs[(m0 + r) * G + g]),
+                                     _mm512_fmadd_ps(accg[r], s, acc[r]));
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, acc[r]);
+}
+#endif
+
+void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
+              int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
+    const int64_t G = K / group, NB = (N + 15) / 16;
+    std::vector<float> xf, xs;
+    x_f32_and_group_sums(x, x_dt, M, K, group, xf, xs);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t n = 0; n < N; n += 2) {
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                switch (std::min<int64_t>(MB, M - m0)) {
-                    case 4: gemm_pair_bf16<4>(xb, xs.data(), qb, sb, K, G, group, n, N, m0, y, y_dt); break;
-                    case 3: gemm_pair_bf16<3>(xb, xs.data(), qb, sb, K, G, group, n, N, m0, y, y_dt); break;
-                    case 2: gemm_pair_bf16<2>(xb, xs.data(), qb, sb, K, G, group, n, N, m0, y, y_dt); break;
-                    default: gemm_pair_bf16<1>(xb, xs.data(), qb, sb, K, G, group, n, N, m0, y, y_dt);
+    for (int64_t j = 0; j < NB; ++j) {
+        const uint8_t* qj = qb + j * (K / 2) * 16;
+        const float* sbj = sb + j * G * 32;
+        float out[4 * 16];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int R = int(std::min<int64_t>(4, M - m0));
+#ifdef __AVX512F__
+            switch (R) {
+                case 4: block_fma<4>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+                case 3: block_fma<3>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+                case 2: block_fma<2>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+                default: block_fma<1>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out);
+            }
+#else
+            for (int r = 0; r < R; ++r) {
+                const float* xr = xf.data() + (m0 + r) * K;
+                for (int c = 0; c < 16; ++c) {
+                    float acc = 0.f;
+                    for (int64_t g = 0; g < G; ++g) {
+                        float accg = 0.f;
+                        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+                            const uint8_t byte = qj[p * 16 + c];
+                            accg += (16.f + float(byte & 0x0f)) * xr[2 * p] +
+                                    (16.f + float(byte >> 4)) * xr[2 * p + 1];
+                        }
+                        acc += sbj[g * 32 + c] * accg +
+                               sbj[g * 32 + 16 + c] * xs[(m0 + r) * G + g];
+                    }
+                    out[16 * r + c] = acc;
+                }
+            }
+#endif
+            for (int r = 0; r < R; ++r)
+                store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
+        }
+    }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define INT4_HAVE_AMX 1
+
+struct alignas(64) TileConfig {
+    uint8_t palette_id = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// tile 0: C (rows x 16 fp32), tile 1: A (rows x 32 bf16 of x), tile 2: B (16 pairs x 16 cols)
+void configure_tiles(int rows) {
+    TileConfig cfg;
+    cfg.colsb[0] = 64; cfg.rows[0] = uint8_t(rows);
+    cfg.colsb[1] = 64; cfg.rows[1] = uint8_t(rows);
+    cfg.colsb[2] = 64; cfg.rows[2] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+// 16 bytes of one K-pair row of a block -> 16 dwords of bf16 (16 + q_lo, 16 + q_hi).
+inline __m512i pair_row_bf16(const uint8_t* p) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i both = _mm512_or_si512(_mm512_slli_epi32(d, 3), _mm512_slli_epi32(d, 15));
+    // (both & 0x00780078) | 0x41804180: low code in bits 3..6, high code in bits 19..22
+    return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x00780078),
+                                     _mm512_set1_epi32(0x41804180), 0xEA);
+}
+
+void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
+              int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
+    const int64_t G = K / group, NB = (N + 15) / 16, steps = K / 32, steps_g = group / 32;
+    std::vector<float> xs(size_t(M * G));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
+            xs[m * G + g] = s;
+        }
+#pragma omp parallel num_threads(nthreads)
+    {
+        // B tiles of one channel block over the whole K: steps x 1 KB, reused by every row block
+        std::vector<__m512i> btiles(size_t(steps * 16));
+        alignas(64) float cbuf[16 * 16];
+        int configured = -1;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < NB; ++j) {
+            const uint8_t* qj = qb + j * (K / 2) * 16;
+            const float* sbj = sb + j * G * 32;
+            for (int64_t p = 0; p < K / 2; ++p) btiles[size_t(p)] = pair_row_bf16(qj + p * 16);
+            for (int64_t m0 = 0; m0 < M; m0 += 16) {
+                const int rows = int(std::min<int64_t>(16, M - m0));
+                if (rows != configured) {
+                    configure_tiles(rows);
+                    configured = rows;
+                }
+                __m512 acc[16];
+                for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; ++g) {
+                    _tile_zero(0);
+                    for (int64_t t = g * steps_g; t < (g + 1) * steps_g; ++t) {
+                        _tile_loadd(1, xb + m0 * K + t * 32, K * 2);
+                        _tile_loadd(2, &btiles[size_t(t * 16)], 64);
+                        _tile_dpbf16ps(0, 1, 2);
+                    }
+                    _tile_stored(0, cbuf, 64);
+                    const __m512 s = _mm512_loadu_ps(sbj + g * 32);
+                    const __m512 bo = _mm512_loadu_ps(sbj + g * 32 + 16);
+                    for (int r = 0; r < rows; ++r)
+                        acc[r] = _mm512_fmadd_ps(
+                            bo, _mm512_set1_ps(xs[(m0 + r) * G + g]),
+                            _mm512_fmadd_ps(_mm512_load_ps(cbuf + 16 * r), s, acc[r]));
+                }
+                float out[16];
+                for (int r = 0; r < rows; ++r) {
+                    _mm512_storeu_ps(out, acc[r]);
+                    store_block_row(y, y_dt, m0 + r, N, j * 16, out);
                 }
             }
         }
-        return 0;
+        if (configured >= 0) _tile_release();
     }
+}
 #endif
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* qrow = qb + n * (K / 2);
-        const float* sbn = sb + n * G * 2;
-        float out[MB];
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int R = int(std::min<int64_t>(MB, M - m0));
+
+}  // namespace
+
+extern "C" {
+
+// Bit 0: AVX-512 vector path built in; bit 1: AMX path built in.
+int int4_cpu_features() {
+    int f = 0;
 #ifdef __AVX512F__
-            switch (R) {
-                case 4: gemm_row<4>(xf.data(), xs.data(), qrow, sbn, K, G, group, m0, out); break;
-                case 3: gemm_row<3>(xf.data(), xs.data(), qrow, sbn, K, G, group, m0, out); break;
-                case 2: gemm_row<2>(xf.data(), xs.data(), qrow, sbn, K, G, group, m0, out); break;
-                default: gemm_row<1>(xf.data(), xs.data(), qrow, sbn, K, G, group, m0, out);
-            }
-#else
-            gemm_row_scalar(xf.data(), xs.data(), qrow, sbn, K, G, group, m0, R, out);
+    f |= 1;
 #endif
-            for (int r = 0; r < R; ++r) store_from_f32(y, (m0 + r) * N + n, out[r], y_dt);
+#ifdef INT4_HAVE_AMX
+    f |= 2;
+#endif
+    return f;
+}
+
+// canonical qweight int32 [N, K/8] -> qb uint8 [NB, K/2, 16] (see the top of this file).
+int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, int nthreads) {
+    if (K % 2) return 1;
+    const int64_t NB = (N + 15) / 16, P = K / 2;
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(qweight);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < NB; ++j)
+        for (int64_t p = 0; p < P; ++p)
+            for (int64_t c = 0; c < 16; ++c) {
+                const int64_t n = j * 16 + c;
+                qb[(j * P + p) * 16 + c] = n < N ? src[n * P + p] : 0;
+            }
+    return 0;
+}
+
+// w^T as a dense [K, N] matrix in out_dt (w = q * s + b in fp32, rounded once), for the
+// large-M path that hands it to the BLAS GEMM. Rows of a block's byte row p are k = 2p, 2p+1.
+int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
+                   void* out, int out_dt, int nthreads) {
+    if (group % 2 || K % group) return 1;
+    const int64_t G = K / group, NB = (N + 15) / 16, P = K / 2;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < NB; ++j) {
+        const uint8_t* qj = qb + j * P * 16;
+        const float* sbj = sb + j * G * 32;
+        const int64_t n0 = j * 16, cols = std::min<int64_t>(16, N - n0);
+        for (int64_t g = 0; g < G; ++g) {
+            const float* s = sbj + g * 32;
+            const float* bo = s + 16;
+#ifdef __AVX512F__
+            if (cols == 16 && out_dt != F16) {
+                const __m512 vs = _mm512_loadu_ps(s);
+                // (16 + q) s + b' = q s + b
+                const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs, _mm512_loadu_ps(bo));
+                const __m128i lowmask = _mm_set1_epi8(0x0f);
+                for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+                    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qj + p * 16));
+                    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                        _mm_and_si128(b, lowmask))), vs, vb);
+                    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                        _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), vs, vb);
+                    if (out_dt == F32) {
+                        _mm512_storeu_ps(static_cast<float*>(out) + (2 * p) * N + n0, lo);
+                        _mm512_storeu_ps(static_cast<float*>(out) + (2 * p + 1) * N + n0, hi);
+                    } else {
+                        uint16_t* o = static_cast<uint16_t*>(out);
+                        const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+                        __m512i u = _mm512_castps_si512(lo);
+                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
+                            _mm512_srli_epi32(u, 16), one)));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p) * N + n0),
+                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                        u = _mm512_castps_si512(hi);
+                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
+                            _mm512_srli_epi32(u, 16), one)));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p + 1) * N + n0),
+                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                    }
+                }
+                continue;
+            }
+#endif
+            for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p)
+                for (int64_t c = 0; c < cols; ++c) {
+                    const uint8_t byte = qj[p * 16 + c];
+                    const float b = bo[c] + 16.f * s[c];
+                    store_from_f32(out, (2 * p) * N + n0 + c, float(byte & 0x0f) * s[c] + b, out_dt);
+                    store_from_f32(out, (2 * p + 1) * N + n0 + c, float(byte >> 4) * s[c] + b,
+                                   out_dt);
+                }
         }
     }
     return 0;
 }
 
-int int4_dequant(const int32_t* qweight, const float* sb, int64_t n0, int64_t n1, int64_t K,
-                 int64_t group, void* out, int out_dt, int nthreads) {
-    if (K % 2 || K % group) return 1;
-    const int64_t G = K / group;
-    const uint8_t* qb = reinterpret_cast<const uint8_t*>(qweight);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t n = n0; n < n1; ++n) {
-        const uint8_t* qrow = qb + n * (K / 2);
-        const float* sbn = sb + n * G * 2;
-        const int64_t o = (n - n0) * K;
-        for (int64_t g = 0; g < G; ++g) {
-            const float s = sbn[2 * g], b = sbn[2 * g + 1];
-            int64_t k = g * group;
-            const int64_t k1 = k + group;
-#ifdef INT4_HAVE_BF16_DP
-            if (out_dt == BF16 && group % 32 == 0) {
-                // the group's 16 possible weights q * s + b as bf16 (one rounding), then one
-                // VPERMW per 32 codes: dword j = code 2j | code 2j+1 << 16 indexes the table
-                const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                   13, 14, 15);
-                const __m256bh lut16 = _mm512_cvtneps_pbh(
-                    _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(b)));
-                const __m512i lut = _mm512_castsi256_si512((__m256i)lut16);
-                for (; k < k1; k += 32) {
-                    const __m512i d = _mm512_cvtepu8_epi32(
-                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + k / 2)));
-                    const __m512i idx = _mm512_ternarylogic_epi32(
-                        d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);
-                    _mm512_storeu_si512(static_cast<uint16_t*>(out) + o + k,
-                                        _mm512_permutexvar_epi16(idx, lut));
-                }
-                continue;
-            }
-#endif
-#ifdef __AVX512F__
-            if (out_dt == BF16 && group % 16 == 0) {
-                const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b);
-                for (; k < k1; k += 16) {
-                    const __m512 w = _mm512_fmadd_ps(codes16(qrow + k / 2), vs, vb);
-                    // round to nearest even (w is finite: codes, finite scales)
-                    __m512i u = _mm512_castps_si512(w);
-                    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                         _mm512_set1_epi32(1));
-                    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-                    _mm256_storeu_si256(
-                        reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + o + k),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                }
-                continue;
-            }
-#endif
-            for (; k < k1; k += 2) {
-                const uint8_t byte = qrow[k / 2];
-                store_from_f32(out, o + k, float(byte & 0x0f) * s + b, out_dt);
-                store_from_f32(out, o + k + 1, float(byte >> 4) * s + b, out_dt);
-            }
-        }
+// use_amx: 1 lets bf16 x take the AMX path (the caller has asked the OS for the AMX state).
+int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
+              int64_t N, int64_t group, void* y, int y_dt, int use_amx, int nthreads) {
+    if (group % 2 || K % group) return 1;
+    if (M == 0 || N == 0) return 0;
+#ifdef INT4_HAVE_AMX
+    if (use_amx && x_dt == BF16 && group % 32 == 0) {
+        gemm_amx(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
+        return 0;
     }
+#endif
+    (void)use_amx;
+    gemm_fma(x, x_dt, M, K, qb, sb, N, group, y, y_dt, nthreads);
     return 0;
 }
 
