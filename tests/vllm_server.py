@@ -30,15 +30,19 @@ def vllm_cli() -> str:
 
 
 @contextlib.contextmanager
-def serve(model, log: Path, *args: str, timeout: float = 300, quantization="int4xpu"):
-    """Yield (base url, process) of ``vllm serve MODEL --quantization int4xpu ARGS``."""
+def serve(model, log: Path, *args: str, timeout: float = 300, quantization="int4xpu",
+          command: list[str] | None = None, cwd=None):
+    """Yield (base url, process) of ``vllm serve MODEL --quantization int4xpu ARGS``, or of
+    ``command`` (a whole ``vllm serve ...`` argv, e.g. from the README) on a free port."""
     port = free_port()
     quant = ["--quantization", quantization] if quantization else []
-    cmd = [vllm_cli(), "serve", str(model), *quant, "--host", "127.0.0.1", "--port", str(port),
-           *args]
+    if command is None:
+        command = ["vllm", "serve", str(model), *quant, *args]
+    cmd = [vllm_cli() if command[0] == "vllm" else command[0], *command[1:],
+           "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=vllm_env(),
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout
