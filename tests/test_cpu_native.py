@@ -61,18 +61,26 @@ def test_act_order_and_3d_input(M):
     assert rel_err(y.reshape(-1, 48), reference_linear(x.reshape(-1, 256).double(), w)) < 8e-3
 
 
-def test_fma_path_matches_the_amx_path(monkeypatch):
-    """bf16 activations on both vector paths (AMX and the AVX-512 FMA one): same result up to
-    fp32 summation order."""
+@pytest.mark.parametrize("M", [1, 3, 4, 6, 37, 70])
+def test_every_path_matches(monkeypatch, M):
+    """bf16 activations through each path (register dot products, AMX with per-group scaling,
+    AMX on dequantized tiles, AVX-512 FMAs): each against float64, and against each other up to
+    fp32 summation order and the bf16 rounding of the dequantized tiles."""
     torch.manual_seed(6)
     w = quantize_rtn(torch.randn(100, 256), 32, ZeroKind.FLOAT)
-    x = torch.randn(37, 256, dtype=torch.bfloat16)
+    x = torch.randn(M, 256, dtype=torch.bfloat16)
     ref = reference_linear(x.double(), w)
-    amx = run(w, x, torch.bfloat16)
-    monkeypatch.setattr(cpu_native, "amx_enabled", lambda: False)
-    fma = run(w, x, torch.bfloat16)
-    assert rel_err(amx, ref) < 8e-3 and rel_err(fma, ref) < 8e-3
-    assert rel_err(fma, amx.double()) < 8e-3
+    outs = {}
+    for name, dp, dense, amx in (("dp", 8, 10**6, True), ("amx", 0, 10**6, True),
+                                 ("amx_dense", 0, 1, True), ("fma", 0, 10**6, False)):
+        monkeypatch.setattr(cpu_native, "DP_MAX_M", dp)
+        monkeypatch.setattr(cpu_native, "AMX_DENSE_MIN_M", dense)
+        monkeypatch.setattr(cpu_native, "DENSE_MIN_M", 10**6)
+        monkeypatch.setattr(cpu_native, "amx_enabled", lambda amx=amx: amx)
+        outs[name] = run(w, x, torch.bfloat16)
+        assert rel_err(outs[name], ref) < 8e-3, name
+    for name, y in outs.items():
+        assert rel_err(y, outs["fma"].double()) < 8e-3, name
 
 
 def test_a_wrong_offset_is_caught():

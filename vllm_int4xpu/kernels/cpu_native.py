@@ -40,8 +40,12 @@ from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Rows from which w^T is dequantized whole (into a reused buffer) and multiplied by torch's GEMM
-# (oneDNN: AMX blocking over M and N) instead of the direct kernel (benchmarks/bench_cpu.py).
+# Rows from which the AMX path multiplies dequantized bf16 tiles over the whole K (no per-group
+# scaling in the loop), and, without AMX, from which w^T is dequantized whole into a reused
+# buffer for torch's GEMM (benchmarks/bench_cpu.py).
+AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "32"))
+# Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles.
+DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
 _SCRATCH: dict = {}
 
@@ -109,7 +113,8 @@ def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"csrc/int4_cpu.cpp unavailable ({type(e).__name__}: {e})"
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint, cint]
+    dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint, i64,
+                              i64, cint]
     dll.int4_pack_blocks.argtypes = [ptr, i64, i64, ptr, cint]
     dll.int4_dequant_t.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint, cint]
     dll.int4_gemm.restype = dll.int4_pack_blocks.restype = cint
@@ -183,7 +188,8 @@ class CpuNativeKernel(Int4Kernel):
         M, K = x.shape
         N = self.spec.out_features
         g, threads = self.spec.group_size, torch.get_num_threads()
-        if M >= DENSE_MIN_M > 0:
+        amx = amx_enabled()
+        if M >= DENSE_MIN_M > 0 and not (amx and x.dtype == torch.bfloat16 and g % 32 == 0):
             wt = _scratch(K * N, x.dtype).view(K, N)
             rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
                                     _DT[x.dtype], threads)
@@ -192,7 +198,8 @@ class CpuNativeKernel(Int4Kernel):
         else:
             y = torch.empty(M, N, dtype=x.dtype)
             rc = lib.int4_gemm(x.data_ptr(), _DT[x.dtype], M, K, qb.data_ptr(), sb.data_ptr(),
-                               N, g, y.data_ptr(), _DT[x.dtype], int(amx_enabled()), threads)
+                               N, g, y.data_ptr(), _DT[x.dtype], int(amx), AMX_DENSE_MIN_M,
+                               DP_MAX_M, threads)
             assert rc == 0, rc
         if bias is not None:
             y = y + bias

@@ -1,9 +1,11 @@
 // int4 weight-only GEMM on the CPU: y[M, N] = x[M, K] @ w^T, fp32 accumulation, every M.
 //
 // Weight layout (written once at load by int4_pack_blocks; one copy of the codes):
-//   qb uint8 [NB, K/2, 16], NB = ceil(N/16): block j holds output channels 16j..16j+15; byte
-//      (j, p, c) holds the codes of k = 2p (low nibble) and 2p+1 (high nibble) of channel 16j+c
-//      (channels past N hold code 0);
+//   qb uint8 [NB, K/2, 16], NB = ceil(N/16): block j holds output channels 16j..16j+15; the byte
+//      of (p, c) holds the codes of k = 2p (low nibble) and 2p+1 (high nibble) of channel 16j+c
+//      (channels past N hold code 0). Within a block, 4 rows p of 16 channels share 64 bytes
+//      (byte_index): 16-byte lane L holds channels 4L..4L+3 of the 4 rows, row-major, so that
+//      in-lane byte shuffles turn 64 bytes into 4 AMX B-tile rows (codes_to_btile_rows);
 //   sb float32 [NB, G, 2, 16]: per block, group g and channel c the scale s and the offset
 //      b' = b - 16 s, where w = q * s + b (b = -zp*s for integer zero points, z - 8 s for float
 //      ones, -8 s symmetric).
@@ -117,12 +119,26 @@ void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t g
         }
 }
 
+// Offset of (p, c) inside a block (see the layout at the top).
+inline int64_t byte_index(int64_t p, int64_t c) {
+    return (p >> 2) * 64 + (c >> 2) * 16 + (p & 3) * 4 + (c & 3);
+}
+
 void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
     const int64_t cols = std::min<int64_t>(16, N - n0);
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
 }
 
 #ifdef __AVX512F__
+// The 16 bytes of row p of a block (channel order).
+inline __m128i load_row16(const uint8_t* qj, int64_t p) {
+    const __m512i chunk = _mm512_loadu_si512(qj + (p >> 2) * 64);
+    const int r = int(p & 3);
+    const __m512i idx = _mm512_setr_epi32(r, 4 + r, 8 + r, 12 + r, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          0, 0, 0);
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, chunk));
+}
+
 // fp32 outer product: one block of 16 channels, rows [m0, m0 + R) of x.
 template <int R>
 void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float* sbj, int64_t K,
@@ -135,7 +151,7 @@ void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float*
         __m512 accg[R];
         for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qj + p * 16));
+            const __m128i b = load_row16(qj, p);
             const __m512 lo = _mm512_add_ps(
                 _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lowmask))), sixteen);
             const __m512 hi = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
@@ -182,7 +198,7 @@ void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
                     for (int64_t g = 0; g < G; ++g) {
                         float accg = 0.f;
                         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-                            const uint8_t byte = qj[p * 16 + c];
+                            const uint8_t byte = qj[byte_index(p, c)];
                             accg += (16.f + float(byte & 0x0f)) * xr[2 * p] +
                                     (16.f + float(byte >> 4)) * xr[2 * p + 1];
                         }
@@ -211,21 +227,105 @@ struct alignas(64) TileConfig {
 };
 
 // tile 0: C (rows x 16 fp32), tile 1: A (rows x 32 bf16 of x), tile 2: B (16 pairs x 16 cols)
+// tile 0: C (rows x 16 fp32), 4: A (rows x 32 bf16), 5: B (16 K-pairs x 16 channels)
 void configure_tiles(int rows) {
     TileConfig cfg;
-    cfg.colsb[0] = 64; cfg.rows[0] = uint8_t(rows);
-    cfg.colsb[1] = 64; cfg.rows[1] = uint8_t(rows);
-    cfg.colsb[2] = 64; cfg.rows[2] = 16;
+    for (int t = 0; t < 6; ++t) cfg.colsb[t] = 64;
+    cfg.rows[0] = cfg.rows[4] = uint8_t(rows);
+    cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = 1;
+    cfg.rows[5] = 16;
     _tile_loadconfig(&cfg);
 }
 
-// 16 bytes of one K-pair row of a block -> 16 dwords of bf16 (16 + q_lo, 16 + q_hi).
-inline __m512i pair_row_bf16(const uint8_t* p) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i both = _mm512_or_si512(_mm512_slli_epi32(d, 3), _mm512_slli_epi32(d, 15));
-    // (both & 0x00780078) | 0x41804180: low code in bits 3..6, high code in bits 19..22
-    return _mm512_ternarylogic_epi32(both, _mm512_set1_epi32(0x00780078),
-                                     _mm512_set1_epi32(0x41804180), 0xEA);
+
+
+// C tile T += the K steps of group g (x rows m0.., B tiles of the block).
+#define INT4_GROUP_DP(T, g)                                                     \
+    do {                                                                        \
+        _tile_zero(T);                                                          \
+        for (int64_t t = (g) * steps_g; t < ((g) + 1) * steps_g; ++t) {         \
+            _tile_loadd(4, xb + m0 * K + t * 32, K * 2);                        \
+            _tile_loadd(5, &btiles[size_t(t * 16)], 64);                        \
+            _tile_dpbf16ps(T, 4, 5);                                            \
+        }                                                                       \
+    } while (0)
+
+// 64 bytes (4 rows p of a block) -> 4 AMX B-tile rows: 16 dwords of bf16 (16 + q_lo, 16 + q_hi)
+// each. bf16(16 + q) = 0x41 : (0x80 + 8 q), so one in-lane byte lookup gives the low bytes and
+// byte interleaves (with the constant 0x41 high bytes) finish the rows (layout: byte_index).
+inline void codes_to_btile_rows(const uint8_t* chunk, __m512i* out) {
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        char(0x80), char(0x88), char(0x90), char(0x98), char(0xa0), char(0xa8), char(0xb0),
+        char(0xb8), char(0xc0), char(0xc8), char(0xd0), char(0xd8), char(0xe0), char(0xe8),
+        char(0xf0), char(0xf8)));
+    const __m512i m = _mm512_set1_epi8(0x0f), c41 = _mm512_set1_epi8(0x41);
+    const __m512i b = _mm512_loadu_si512(chunk);
+    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));
+    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m));
+    const __m512i r01 = _mm512_unpacklo_epi8(lo, hi), r23 = _mm512_unpackhi_epi8(lo, hi);
+    out[0] = _mm512_unpacklo_epi8(r01, c41);
+    out[1] = _mm512_unpackhi_epi8(r01, c41);
+    out[2] = _mm512_unpacklo_epi8(r23, c41);
+    out[3] = _mm512_unpackhi_epi8(r23, c41);
+}
+
+// Few rows (decode): the B rows never leave the registers; VDPBF16PS with x's pair (x_2p,
+// x_2p+1) broadcast, 16 channels per vector, one accumulator per row and group.
+template <int R>
+void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const float* sbj,
+              int64_t K, int64_t G, int64_t group, float* out /* [R][16] */) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 a0[R], a1[R];
+        for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
+            __m512i w[4];
+            codes_to_btile_rows(qj + p * 16, w);
+            for (int r = 0; r < R; ++r) {
+                const int32_t* xp = reinterpret_cast<const int32_t*>(xb + r * K) + p;
+                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)w[0], (__m512bh)_mm512_set1_epi32(xp[0]));
+                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)w[1], (__m512bh)_mm512_set1_epi32(xp[1]));
+                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)w[2], (__m512bh)_mm512_set1_epi32(xp[2]));
+                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)w[3], (__m512bh)_mm512_set1_epi32(xp[3]));
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(sbj + g * 32), bo = _mm512_loadu_ps(sbj + g * 32 + 16);
+        for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_fmadd_ps(bo, _mm512_set1_ps(xs[r * G + g]),
+                                     _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), s, acc[r]));
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, acc[r]);
+}
+
+void gemm_dp(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
+             int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
+    const int64_t G = K / group, NB = (N + 15) / 16;
+    std::vector<float> xs(size_t(M * G));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
+            xs[m * G + g] = s;
+        }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < NB; ++j) {
+        const uint8_t* qj = qb + j * (K / 2) * 16;
+        const float* sbj = sb + j * G * 32;
+        float out[4 * 16];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int R = int(std::min<int64_t>(4, M - m0));
+            const uint16_t* xr = xb + m0 * K;
+            const float* xsr = xs.data() + m0 * G;
+            switch (R) {
+                case 4: block_dp<4>(xr, xsr, qj, sbj, K, G, group, out); break;
+                case 3: block_dp<3>(xr, xsr, qj, sbj, K, G, group, out); break;
+                case 2: block_dp<2>(xr, xsr, qj, sbj, K, G, group, out); break;
+                default: block_dp<1>(xr, xsr, qj, sbj, K, G, group, out);
+            }
+            for (int r = 0; r < R; ++r) store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
+        }
+    }
 }
 
 void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
@@ -248,7 +348,7 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
         for (int64_t j = 0; j < NB; ++j) {
             const uint8_t* qj = qb + j * (K / 2) * 16;
             const float* sbj = sb + j * G * 32;
-            for (int64_t p = 0; p < K / 2; ++p) btiles[size_t(p)] = pair_row_bf16(qj + p * 16);
+            for (int64_t p = 0; p < K / 2; p += 4) codes_to_btile_rows(qj + p * 16, &btiles[size_t(p)]);
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int rows = int(std::min<int64_t>(16, M - m0));
                 if (rows != configured) {
@@ -258,12 +358,7 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
                 __m512 acc[16];
                 for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
                 for (int64_t g = 0; g < G; ++g) {
-                    _tile_zero(0);
-                    for (int64_t t = g * steps_g; t < (g + 1) * steps_g; ++t) {
-                        _tile_loadd(1, xb + m0 * K + t * 32, K * 2);
-                        _tile_loadd(2, &btiles[size_t(t * 16)], 64);
-                        _tile_dpbf16ps(0, 1, 2);
-                    }
+                    INT4_GROUP_DP(0, g);
                     _tile_stored(0, cbuf, 64);
                     const __m512 s = _mm512_loadu_ps(sbj + g * 32);
                     const __m512 bo = _mm512_loadu_ps(sbj + g * 32 + 16);
@@ -281,6 +376,112 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
         }
         if (configured >= 0) _tile_release();
     }
+}
+
+// One byte row of a block -> 16 VNNI pairs (w_2p, w_2p+1) of the dequantized weights in bf16
+// (w = (16 + q) s + b', rounded once), for the many-row path.
+inline __m512i pair_row_dequant(__m128i b, __m512 vs, __m512 vb, __m512i interleave) {
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m512 lo = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m))), vs, vb);
+    const __m512 hi = _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m))), vs, vb);
+    // [lo0..lo15 | hi0..hi15] -> lo0 hi0 lo1 hi1 ...
+    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// Many rows: the weights are dequantized to bf16 B tiles once per call (two blocks of 16
+// channels per thread step), and C accumulates over the whole K (no per-group flush); each A
+// tile of x feeds both blocks. Same numerics as a dense bf16 copy of the dequantized weights.
+void gemm_amx_dense_rows(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb,
+                         const float* sb, int64_t N, int64_t group, void* y, int y_dt,
+                         int64_t row0, int nthreads) {
+    const int64_t G = K / group, NB = (N + 15) / 16, steps = K / 32, P = K / 2;
+    const int64_t NP = (NB + 1) / 2;  // pairs of blocks
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<__m512i> bt(size_t(2 * steps * 16));
+        alignas(64) float cbuf[16 * 16];
+        alignas(64) uint16_t idx[32];
+        for (int i = 0; i < 16; ++i) { idx[2 * i] = uint16_t(i); idx[2 * i + 1] = uint16_t(16 + i); }
+        const __m512i interleave = _mm512_load_si512(idx);
+        int configured = -1;
+#pragma omp for schedule(static)
+        for (int64_t jp = 0; jp < NP; ++jp) {
+            const int nblk = (2 * jp + 1 < NB) ? 2 : 1;
+            for (int b = 0; b < nblk; ++b) {
+                const int64_t j = 2 * jp + b;
+                const uint8_t* qj = qb + j * P * 16;
+                const float* sbj = sb + j * G * 32;
+                for (int64_t g = 0; g < G; ++g) {
+                    const __m512 vs = _mm512_loadu_ps(sbj + g * 32);
+                    const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs,
+                                                      _mm512_loadu_ps(sbj + g * 32 + 16));
+                    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p)
+                        bt[size_t(b * steps * 16 + p)] = pair_row_dequant(load_row16(qj, p), vs,
+                                                                           vb, interleave);
+                }
+            }
+            // 2 x 2 micro-kernel: rows m0..m0+31 (A0, A1) x the two blocks (B0, B1) -> C0..C3
+            for (int64_t m0 = 0; m0 < M; m0 += 32) {
+                const int r0 = int(std::min<int64_t>(16, M - m0));
+                const int r1 = int(std::max<int64_t>(0, std::min<int64_t>(16, M - m0 - 16)));
+                const int key = r0 * 32 + r1;
+                if (key != configured) {
+                    TileConfig cfg;  // C0 C1 (rows r0), C2 C3 (rows r1), A0, A1, B0, B1
+                    const uint8_t h1 = uint8_t(r1 ? r1 : 1);
+                    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
+                    cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = uint8_t(r0);
+                    cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = h1;
+                    cfg.rows[6] = cfg.rows[7] = 16;
+                    _tile_loadconfig(&cfg);
+                    configured = key;
+                }
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                const uint16_t* a0 = xb + m0 * K;
+                const uint16_t* a1 = xb + (m0 + 16) * K;
+                const __m512i* b0 = bt.data();
+                const __m512i* b1 = bt.data() + steps * 16;
+                for (int64_t t = 0; t < steps; ++t) {
+                    _tile_loadd(4, a0 + t * 32, K * 2);
+                    _tile_loadd(6, b0 + t * 16, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (nblk == 2) {
+                        _tile_loadd(7, b1 + t * 16, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                    }
+                    if (r1) {
+                        _tile_loadd(5, a1 + t * 32, K * 2);
+                        _tile_dpbf16ps(2, 5, 6);
+                        if (nblk == 2) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                for (int b = 0; b < nblk; ++b)
+                    for (int h = 0; h < (r1 ? 2 : 1); ++h) {
+                        const int c = 2 * h + b;
+                        if (c == 0) _tile_stored(0, cbuf, 64);
+                        else if (c == 1) _tile_stored(1, cbuf, 64);
+                        else if (c == 2) _tile_stored(2, cbuf, 64);
+                        else _tile_stored(3, cbuf, 64);
+                        const int rows = h ? r1 : r0;
+                        for (int r = 0; r < rows; ++r)
+                            store_block_row(y, y_dt, row0 + m0 + 16 * h + r, N,
+                                            (2 * jp + b) * 16, cbuf + 16 * r);
+                    }
+            }
+        }
+        if (configured >= 0) _tile_release();
+    }
+}
+
+// Row chunks of x small enough to stay in L2 while every block of w passes over them; the
+// weights are dequantized again per chunk (cheaper than streaming x from memory per block).
+void gemm_amx_dense(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
+                    int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
+    const int64_t chunk = std::max<int64_t>(128, (int64_t(1) << 20) / (2 * K) / 32 * 32);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk)
+        gemm_amx_dense_rows(xb + m0 * K, std::min(chunk, M - m0), K, qb, sb, N, group, y, y_dt,
+                            m0, nthreads);
 }
 #endif
 
@@ -302,7 +503,7 @@ int int4_cpu_features() {
 
 // canonical qweight int32 [N, K/8] -> qb uint8 [NB, K/2, 16] (see the top of this file).
 int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, int nthreads) {
-    if (K % 2) return 1;
+    if (K % 8) return 1;
     const int64_t NB = (N + 15) / 16, P = K / 2;
     const uint8_t* src = reinterpret_cast<const uint8_t*>(qweight);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -310,83 +511,94 @@ int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, 
         for (int64_t p = 0; p < P; ++p)
             for (int64_t c = 0; c < 16; ++c) {
                 const int64_t n = j * 16 + c;
-                qb[(j * P + p) * 16 + c] = n < N ? src[n * P + p] : 0;
+                qb[j * P * 16 + byte_index(p, c)] = n < N ? src[n * P + p] : 0;
             }
     return 0;
 }
 
 // w^T as a dense [K, N] matrix in out_dt (w = q * s + b in fp32, rounded once), for the
-// large-M path that hands it to the BLAS GEMM. Rows of a block's byte row p are k = 2p, 2p+1.
+// large-M path that hands it to the BLAS GEMM. Byte row p of every block gives k = 2p, 2p+1, so
+// each thread writes whole rows of the output (a block's bytes are read with a stride).
 int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
                    void* out, int out_dt, int nthreads) {
     if (group % 2 || K % group) return 1;
     const int64_t G = K / group, NB = (N + 15) / 16, P = K / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < NB; ++j) {
-        const uint8_t* qj = qb + j * P * 16;
-        const float* sbj = sb + j * G * 32;
-        const int64_t n0 = j * 16, cols = std::min<int64_t>(16, N - n0);
-        for (int64_t g = 0; g < G; ++g) {
-            const float* s = sbj + g * 32;
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t g = 2 * p / group;
+        for (int64_t j = 0; j < NB; ++j) {
+            const uint8_t* qj = qb + j * P * 16;
+            const float* s = sb + (j * G + g) * 32;
             const float* bo = s + 16;
+            const int64_t n0 = j * 16, cols = std::min<int64_t>(16, N - n0);
 #ifdef __AVX512F__
             if (cols == 16 && out_dt != F16) {
                 const __m512 vs = _mm512_loadu_ps(s);
                 // (16 + q) s + b' = q s + b
                 const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs, _mm512_loadu_ps(bo));
                 const __m128i lowmask = _mm_set1_epi8(0x0f);
-                for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-                    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qj + p * 16));
-                    const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                        _mm_and_si128(b, lowmask))), vs, vb);
-                    const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                        _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), vs, vb);
-                    if (out_dt == F32) {
-                        _mm512_storeu_ps(static_cast<float*>(out) + (2 * p) * N + n0, lo);
-                        _mm512_storeu_ps(static_cast<float*>(out) + (2 * p + 1) * N + n0, hi);
-                    } else {
-                        uint16_t* o = static_cast<uint16_t*>(out);
-                        const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-                        __m512i u = _mm512_castps_si512(lo);
-                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
-                            _mm512_srli_epi32(u, 16), one)));
-                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p) * N + n0),
-                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                        u = _mm512_castps_si512(hi);
-                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
-                            _mm512_srli_epi32(u, 16), one)));
-                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p + 1) * N + n0),
-                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                    }
+                const __m128i b = load_row16(qj, p);
+                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                    _mm_and_si128(b, lowmask))), vs, vb);
+                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                    _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), vs, vb);
+                if (out_dt == F32) {
+                    _mm512_storeu_ps(static_cast<float*>(out) + (2 * p) * N + n0, lo);
+                    _mm512_storeu_ps(static_cast<float*>(out) + (2 * p + 1) * N + n0, hi);
+                } else {
+                    uint16_t* o = static_cast<uint16_t*>(out);
+                    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+                    __m512i u = _mm512_castps_si512(lo);
+                    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
+                        _mm512_srli_epi32(u, 16), one)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p) * N + n0),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                    u = _mm512_castps_si512(hi);
+                    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
+                        _mm512_srli_epi32(u, 16), one)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p + 1) * N + n0),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
                 }
                 continue;
             }
 #endif
-            for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p)
-                for (int64_t c = 0; c < cols; ++c) {
-                    const uint8_t byte = qj[p * 16 + c];
-                    const float b = bo[c] + 16.f * s[c];
-                    store_from_f32(out, (2 * p) * N + n0 + c, float(byte & 0x0f) * s[c] + b, out_dt);
-                    store_from_f32(out, (2 * p + 1) * N + n0 + c, float(byte >> 4) * s[c] + b,
-                                   out_dt);
-                }
+            for (int64_t c = 0; c < cols; ++c) {
+                const uint8_t byte = qj[byte_index(p, c)];
+                const float b = bo[c] + 16.f * s[c];
+                store_from_f32(out, (2 * p) * N + n0 + c, float(byte & 0x0f) * s[c] + b, out_dt);
+                store_from_f32(out, (2 * p + 1) * N + n0 + c, float(byte >> 4) * s[c] + b, out_dt);
+            }
         }
     }
     return 0;
 }
 
 // use_amx: 1 lets bf16 x take the AMX path (the caller has asked the OS for the AMX state).
+// dense_min_m: rows from which the AMX path multiplies dequantized bf16 tiles (no per-group
+// scaling; 0 = never).
 int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
-              int64_t N, int64_t group, void* y, int y_dt, int use_amx, int nthreads) {
+              int64_t N, int64_t group, void* y, int y_dt, int use_amx, int64_t dense_min_m,
+              int64_t dp_max_m, int nthreads) {
     if (group % 2 || K % group) return 1;
     if (M == 0 || N == 0) return 0;
 #ifdef INT4_HAVE_AMX
+    if (use_amx && x_dt == BF16 && group % 32 == 0 && dense_min_m > 0 && M >= dense_min_m) {
+        gemm_amx_dense(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt,
+                       nthreads);
+        return 0;
+    }
+    if (x_dt == BF16 && group % 8 == 0 && M <= dp_max_m) {
+        gemm_dp(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
+        return 0;
+    }
     if (use_amx && x_dt == BF16 && group % 32 == 0) {
         gemm_amx(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
         return 0;
     }
 #endif
     (void)use_amx;
+    (void)dense_min_m;
+    (void)dp_max_m;
     gemm_fma(x, x_dt, M, K, qb, sb, N, group, y, y_dt, nthreads);
     return 0;
 }
