@@ -231,6 +231,28 @@ def _install_prepared(layer, kernel_cls, prepared: dict, spec, prefix: str) -> N
     layer.int4_tensor_names = tuple(names)
     layer.int4_backend = kernel_cls.name
     layer.int4_spec = spec
+    if next(iter(prepared.values())).device.type == "cpu":
+        _release_freed_host_memory()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere, e.g. musl or macOS)."""
+    import ctypes
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_host_memory() -> None:
+    """Hand the heap pages freed by a layer's conversion (the loaded tensors it replaced) back
+    to the OS. glibc keeps freed multi-MB chunks in its heap once its mmap threshold has grown,
+    so without this a CPU load kept ~0.45 GB of dead weights resident on a 1.1B model
+    (tests/test_load_memory.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @register_weight_loader_v2_supported_method
