@@ -27,7 +27,8 @@ def _quantize(args: argparse.Namespace) -> int:
                          skip=["lm_head", *[m for m in args.skip if m != "lm_head"]],
                          progress=not args.quiet)
     print(f"wrote int4xpu checkpoint (group {args.group_size}, zero point {zero}) to {out}")
-    print(f"serve it with: vllm serve {out} --quantization int4xpu")
+    print(f"serve it with: vllm serve {out}   (its config names int4xpu: no --quantization "
+          "flag needed)")
     return 0
 
 

@@ -43,7 +43,7 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Rows from which the AMX path multiplies dequantized bf16 tiles over the whole K (no per-group
 # scaling in the loop), and, without AMX, from which w^T is dequantized whole into a reused
 # buffer for torch's GEMM (benchmarks/bench_cpu.py).
-AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "32"))
+AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "64"))
 # Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles.
 DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
