@@ -10,7 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from gpu_marker import mark_gpu_tests  # noqa: E402
 from tiny_model import make_tiny_llama  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    mark_gpu_tests(items, Path(__file__).parent / "gpu")
 
 
 @pytest.fixture(scope="session")

@@ -89,19 +89,24 @@ def test_usage_commands_and_python_snippet_run_as_written(tmp_path):
 
 
 def test_gpu_command_selects_gpu_tests(tmp_path):
-    """``python -m pytest -m gpu tests/gpu`` (README, Tests): tests/gpu/conftest.py marks every
-    test there ``gpu``. Checked on a copy of that conftest with a test file that needs no GPU."""
-    gpu = tmp_path / "gpu"
-    gpu.mkdir()
-    shutil.copy(ROOT / "tests" / "gpu" / "conftest.py", gpu / "conftest.py")
-    (gpu / "test_x.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    """``python -m pytest -m gpu tests/gpu`` (README, Tests): tests/conftest.py marks every test
+    under tests/gpu ``gpu`` (tests/gpu_marker.py). Checked with the same hook on a copy, with a
+    test file that needs no GPU beside one outside gpu/."""
+    shutil.copy(ROOT / "tests" / "gpu_marker.py", tmp_path / "gpu_marker.py")
+    (tmp_path / "conftest.py").write_text(
+        "import sys\nfrom pathlib import Path\nsys.path.insert(0, str(Path(__file__).parent))\n"
+        "from gpu_marker import mark_gpu_tests\n\n\ndef pytest_collection_modifyitems(config, items):"
+        "\n    mark_gpu_tests(items, Path(__file__).parent / 'gpu')\n")
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "test_x.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    (tmp_path / "test_cpu.py").write_text("def test_c():\n    pass\n")
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only"]
     picked = subprocess.run([*base, "-m", "gpu", "gpu"], cwd=tmp_path, capture_output=True,
                             text=True)
     assert "2 tests collected" in picked.stdout, picked.stdout + picked.stderr
-    dropped = subprocess.run([*base, "-m", "not gpu", "gpu"], cwd=tmp_path, capture_output=True,
-                             text=True)
-    assert "2 deselected" in dropped.stdout, dropped.stdout
+    everything = subprocess.run([*base, "-m", "not gpu", "."], cwd=tmp_path,
+                                capture_output=True, text=True)
+    assert "1/3 tests collected (2 deselected)" in everything.stdout, everything.stdout
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest -m gpu tests/gpu" in readme
