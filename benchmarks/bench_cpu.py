@@ -25,7 +25,6 @@ are the relative error against the float64 reference (``reference_linear``), for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import time
 
@@ -33,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_int4xpu.kernels.base import Int4LinearSpec
-from vllm_int4xpu.kernels.cpu import CpuKernel
+from vllm_int4xpu.kernels.cpu import CpuKernel, _enable_amx
 from vllm_int4xpu.kernels.selector import select_kernel
-from vllm_int4xpu.weight import Int4Weight, ZeroKind, dequantize, quantize_rtn, reference_linear, unpack_int4
+from vllm_int4xpu.weight import Int4Weight, ZeroKind, dequantize, quantize_rtn, reference_linear
 
 PRESETS = {  # K x N of each linear layer kind (q/o, k/v, gate/up, down)
     "smollm2": "576x576,576x192,576x1536,1536x576",
@@ -57,29 +56,7 @@ def median_ms(fn, reps: int) -> float:
     return 1e3 * times[len(times) // 2]
 
 
-def _init_amx() -> None:
-    # a thread must request the AMX state before its first AMX instruction (else SIGILL)
-    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    if init is not None:
-        init()
-
-
 # ------------------------------------------------------------------------- torch's int4 op
-def torch_op_tensors(w: Int4Weight, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed, scale_zero) for aten._weight_int4pack_mm_for_cpu: w = (q - 8) * s + z."""
-    s = w.scales.to(torch.float32)
-    if w.zero_kind == ZeroKind.NONE:
-        z = torch.zeros_like(s)
-    elif w.zero_kind == ZeroKind.INT:
-        z = (8.0 - w.zeros.to(torch.float32)) * s
-    else:
-        z = w.zeros.to(torch.float32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(w.qweight).to(torch.int32), 1)
-    return packed, torch.stack([s, z], dim=-1).to(act_dtype).contiguous()
-
-
-# ------------------------------------------------------------------------- vLLM's anchor
-@contextlib.contextmanager
 def _env(name: str, value: str):
     old = os.environ.get(name)
     os.environ[name] = value
@@ -113,7 +90,7 @@ def vllm_cpu_wna16(w: Int4Weight, act_dtype: torch.dtype = torch.bfloat16, w4a8:
         return f"vLLM not importable ({type(e).__name__})"
     if w.g_idx is not None or w.zero_kind == ZeroKind.FLOAT:
         return "act-order / float zero points: not a vLLM CPU W4A16 layout"
-    _init_amx()
+    _enable_amx()  # a thread must ask for the AMX state before its first AMX instruction
     K, N, g = w.in_features, w.out_features, w.group_size
     sym = w.zero_kind == ZeroKind.NONE
     wtype = scalar_types.uint4b8 if sym else scalar_types.uint4
@@ -222,7 +199,8 @@ def main() -> None:
             kern = CpuKernel(spec)
             prepared = kern.prepare(w)
             tensors = [prepared[n] for n in CpuKernel.tensor_names]
-        packed, scale_zero = torch_op_tensors(w, dt) if kern else (None, None)  # same limits
+        # torch's op on the cpu backend's own packing (same limits)
+        packed, scale_zero = (prepared["packed"], prepared["scale_zero"]) if kern else (None, None)
         paths = {
             "bf16": (lambda wb: lambda x: F.linear(x, wb))(torch.randn(N, K, dtype=dt)),
             "ours": lambda x: ours.apply(ours_t, x),

@@ -124,6 +124,19 @@ inline int64_t byte_index(int64_t p, int64_t c) {
     return (p >> 2) * 64 + (c >> 2) * 16 + (p & 3) * 4 + (c & 3);
 }
 
+// Group sums of bf16 x [M, K]: [M, G] in fp32.
+std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t group) {
+    const int64_t G = K / group;
+    std::vector<float> xs(size_t(M * G));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
+            xs[m * G + g] = s;
+        }
+    return xs;
+}
+
 void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
     const int64_t cols = std::min<int64_t>(16, N - n0);
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
@@ -301,13 +314,7 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
 void gemm_dp(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
              int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
     const int64_t G = K / group, NB = (N + 15) / 16;
-    std::vector<float> xs(size_t(M * G));
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
-            xs[m * G + g] = s;
-        }
+    const std::vector<float> xs = group_sums_bf16(xb, M, K, group);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < NB; ++j) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
@@ -331,13 +338,7 @@ void gemm_dp(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const 
 void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
               int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
     const int64_t G = K / group, NB = (N + 15) / 16, steps = K / 32, steps_g = group / 32;
-    std::vector<float> xs(size_t(M * G));
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
-            xs[m * G + g] = s;
-        }
+    const std::vector<float> xs = group_sums_bf16(xb, M, K, group);
 #pragma omp parallel num_threads(nthreads)
     {
         // B tiles of one channel block over the whole K: steps x 1 KB, reused by every row block
