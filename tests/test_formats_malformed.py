@@ -172,3 +172,16 @@ def test_vllm_names_the_broken_tensor(tmp_path):
     assert rc != 0
     assert "Int4FormatError" in out and "qkv_proj.qweight" in out and "model.safetensors" in out, \
         out[-3000:]
+
+
+def test_non_finite_bias_of_a_quantized_layer(tmp_path):
+    """Found by the loader fuzzer: a NaN bias on a quantized projection (Qwen2's k_proj has one)
+    was accepted."""
+    key = "model.layers.0.self_attn.k_proj.bias"
+
+    def poison(x):
+        x = x.clone()
+        x[1] = float("nan")
+        return x
+    e = only_problem(broken_copy(tmp_path, "moe_ar_gptq_asym_g32", set_(key, poison)))
+    assert e.tensor == key and "1 NaN/inf" in str(e)

@@ -166,9 +166,11 @@ def test_moe_tp2_equals_tp1_more(name):
 def test_moe_compiled_mode_equals_eager():
     """vLLM's compiled mode traces the model: the MoE layer is the int4xpu::moe custom op."""
     model = FIXTURES / "moe_ct_sym_g32"
-    eager = run_generate(model, quantization="int4xpu", max_tokens=6)
+    # float32: in bf16 the compiled graph's fused norms move logits by bf16 steps, which flips
+    # near-tied greedy tokens of this tiny random model (seen once: position 4 of 6)
+    eager = run_generate(model, quantization="int4xpu", max_tokens=6, dtype="float32")
     compiled = run_generate(model, quantization="int4xpu", max_tokens=6, enforce_eager=False,
-                            timeout=1200)
+                            timeout=1200, dtype="float32")
     assert [c["token_ids"] for c in compiled] == [e["token_ids"] for e in eager]
 
 

@@ -227,6 +227,10 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
                 raise Int4FormatError("bias does not fit the layer", file=files.get("bias"),
                                       tensor=f"{mod}.bias", expected=f"float [{N}]",
                                       found=f"{bias.dtype} {list(bias.shape)}")
+            if bias is not None and not torch.isfinite(bias).all():
+                raise Int4FormatError("bias is not finite", file=files.get("bias"),
+                                      tensor=f"{mod}.bias", expected="finite values",
+                                      found=f"{int((~torch.isfinite(bias)).sum())} NaN/inf")
             tensors = {}
             for spec in fmt.tensor_specs(geo):
                 if spec.name not in t:

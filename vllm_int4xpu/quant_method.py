@@ -324,6 +324,12 @@ class Int4XPULinearMethod(LinearMethodBase):
                                       or self.config.model_dir, tensor=full,
                                       expected=f"{list(spec.shape)} per partition", found="nothing")
             tensors[spec.name] = param.data
+        bias = getattr(layer, "bias", None)
+        if isinstance(bias, torch.Tensor) and not torch.isfinite(bias).all():
+            full = f"{self.prefix}.bias"
+            raise Int4FormatError("bias is not finite", file=self.config.file_of(full)
+                                  or self.config.model_dir, tensor=full, expected="finite values",
+                                  found=f"{int((~torch.isfinite(bias)).sum())} NaN/inf")
         try:
             w = self.fmt.to_canonical(tensors, geo)
             w.validate(name=self.prefix)
