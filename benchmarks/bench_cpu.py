@@ -25,6 +25,7 @@ are the relative error against the float64 reference (``reference_linear``), for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -57,6 +58,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 # ------------------------------------------------------------------------- torch's int4 op
+@contextlib.contextmanager
 def _env(name: str, value: str):
     old = os.environ.get(name)
     os.environ[name] = value

@@ -39,6 +39,7 @@ def test_quantized_model_differs_from_unquantized(int_results, tiny_dir):
     assert diffs > 1e-3
 
 
+@pytest.mark.slow  # compiled mode also runs in the default run: MoE (test_moe.py), README snippet
 def test_compiled_mode_matches_eager(tiny_int, int_results):
     ours_eager, _ = int_results
     compiled = run_generate(tiny_int, "int4xpu", enforce_eager=False)

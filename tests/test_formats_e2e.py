@@ -240,6 +240,7 @@ def test_default_subset_matches_dense_and_builtin(tmp_path):
     check_against_builtin(["ar_gptq_sym_g128"])
 
 
+@pytest.mark.slow  # the legacy config files' detection is unit-tested in test_formats_unit.py
 def test_legacy_quantize_config_json(tmp_path):
     """Older AutoGPTQ checkpoints keep their settings in quantize_config.json, without
     quant_method, and nothing in config.json: the same weights give the same logprobs."""
