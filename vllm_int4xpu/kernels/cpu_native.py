@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -53,7 +54,6 @@ _SCRATCH: dict = {}
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A reused buffer (per thread and dtype) for the dense path, grown to the largest layer
     seen, so prefill does not fault in a fresh K x N buffer on every call."""
-    import threading
     key = (threading.get_ident(), dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:

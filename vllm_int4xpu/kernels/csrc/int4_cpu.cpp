@@ -104,19 +104,27 @@ inline void store_from_f32(void* p, int64_t i, float v, int dt) {
     else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 
-// x as fp32 [M, K] and its group sums [M, G].
-void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t group,
-                          std::vector<float>& xf, std::vector<float>& xs) {
+// Group sums [M, G] in fp32 of x [M, K], element i read as load(i).
+template <typename Load>
+std::vector<float> group_sums(int64_t M, int64_t K, int64_t group, Load load) {
     const int64_t G = K / group;
-    xf.resize(size_t(M * K));
-    xs.assign(size_t(M * G), 0.f);
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_f32(x, i, dt);
+    std::vector<float> xs(size_t(M * G));
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < G; ++g) {
             float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += xf[m * K + k];
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += load(m * K + k);
             xs[m * G + g] = s;
         }
+    return xs;
+}
+
+// x as fp32 [M, K] and its group sums [M, G].
+void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t group,
+                          std::vector<float>& xf, std::vector<float>& xs) {
+    xf.resize(size_t(M * K));
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = load_as_f32(x, i, dt);
+    const float* f = xf.data();
+    xs = group_sums(M, K, group, [f](int64_t i) { return f[i]; });
 }
 
 // Offset of (p, c) inside a block (see the layout at the top).
@@ -124,22 +132,25 @@ inline int64_t byte_index(int64_t p, int64_t c) {
     return (p >> 2) * 64 + (c >> 2) * 16 + (p & 3) * 4 + (c & 3);
 }
 
-// Group sums of bf16 x [M, K]: [M, G] in fp32.
-std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t group) {
-    const int64_t G = K / group;
-    std::vector<float> xs(size_t(M * G));
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) s += bf16_to_f32(xb[m * K + k]);
-            xs[m * G + g] = s;
-        }
-    return xs;
-}
-
 void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
     const int64_t cols = std::min<int64_t>(16, N - n0);
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
+}
+
+// The vector paths' loop: channel blocks spread over the threads, rows of x up to 4 at a time;
+// block(j, m0, R, out) computes out[R][16] for block j and rows m0..m0+R-1, stored here into y.
+template <typename Block>
+void over_blocks_by_4_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, Block block) {
+    const int64_t NB = (N + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < NB; ++j) {
+        float out[4 * 16];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int R = int(std::min<int64_t>(4, M - m0));
+            block(j, m0, R, out);
+            for (int r = 0; r < R; ++r) store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
+        }
+    }
 }
 
 #ifdef __AVX512F__
@@ -186,50 +197,46 @@ void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float*
 
 void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
               int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
-    const int64_t G = K / group, NB = (N + 15) / 16;
+    const int64_t G = K / group;
     std::vector<float> xf, xs;
     x_f32_and_group_sums(x, x_dt, M, K, group, xf, xs);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < NB; ++j) {
+    over_blocks_by_4_rows(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
         const float* sbj = sb + j * G * 32;
-        float out[4 * 16];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int R = int(std::min<int64_t>(4, M - m0));
 #ifdef __AVX512F__
-            switch (R) {
-                case 4: block_fma<4>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
-                case 3: block_fma<3>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
-                case 2: block_fma<2>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
-                default: block_fma<1>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out);
-            }
-#else
-            for (int r = 0; r < R; ++r) {
-                const float* xr = xf.data() + (m0 + r) * K;
-                for (int c = 0; c < 16; ++c) {
-                    float acc = 0.f;
-                    for (int64_t g = 0; g < G; ++g) {
-                        float accg = 0.f;
-                        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-                            const uint8_t byte = qj[byte_index(p, c)];
-                            accg += (16.f + float(byte & 0x0f)) * xr[2 * p] +
-                                    (16.f + float(byte >> 4)) * xr[2 * p + 1];
-                        }
-                        acc += sbj[g * 32 + c] * accg +
-                               sbj[g * 32 + 16 + c] * xs[(m0 + r) * G + g];
-                    }
-                    out[16 * r + c] = acc;
-                }
-            }
-#endif
-            for (int r = 0; r < R; ++r)
-                store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
+        switch (R) {
+            case 4: block_fma<4>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            case 3: block_fma<3>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            case 2: block_fma<2>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            default: block_fma<1>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out);
         }
-    }
+#else
+        for (int r = 0; r < R; ++r) {
+            const float* xr = xf.data() + (m0 + r) * K;
+            for (int c = 0; c < 16; ++c) {
+                float acc = 0.f;
+                for (int64_t g = 0; g < G; ++g) {
+                    float accg = 0.f;
+                    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
+                        const uint8_t byte = qj[byte_index(p, c)];
+                        accg += (16.f + float(byte & 0x0f)) * xr[2 * p] +
+                                (16.f + float(byte >> 4)) * xr[2 * p + 1];
+                    }
+                    acc += sbj[g * 32 + c] * accg + sbj[g * 32 + 16 + c] * xs[(m0 + r) * G + g];
+                }
+                out[16 * r + c] = acc;
+            }
+        }
+#endif
+    });
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define INT4_HAVE_AMX 1
+
+std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t group) {
+    return group_sums(M, K, group, [xb](int64_t i) { return bf16_to_f32(xb[i]); });
+}
 
 struct alignas(64) TileConfig {
     uint8_t palette_id = 1;
@@ -240,28 +247,13 @@ struct alignas(64) TileConfig {
 };
 
 // tile 0: C (rows x 16 fp32), tile 1: A (rows x 32 bf16 of x), tile 2: B (16 pairs x 16 cols)
-// tile 0: C (rows x 16 fp32), 4: A (rows x 32 bf16), 5: B (16 K-pairs x 16 channels)
 void configure_tiles(int rows) {
     TileConfig cfg;
-    for (int t = 0; t < 6; ++t) cfg.colsb[t] = 64;
-    cfg.rows[0] = cfg.rows[4] = uint8_t(rows);
-    cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = 1;
-    cfg.rows[5] = 16;
+    cfg.colsb[0] = 64; cfg.rows[0] = uint8_t(rows);
+    cfg.colsb[1] = 64; cfg.rows[1] = uint8_t(rows);
+    cfg.colsb[2] = 64; cfg.rows[2] = 16;
     _tile_loadconfig(&cfg);
 }
-
-
-
-// C tile T += the K steps of group g (x rows m0.., B tiles of the block).
-#define INT4_GROUP_DP(T, g)                                                     \
-    do {                                                                        \
-        _tile_zero(T);                                                          \
-        for (int64_t t = (g) * steps_g; t < ((g) + 1) * steps_g; ++t) {         \
-            _tile_loadd(4, xb + m0 * K + t * 32, K * 2);                        \
-            _tile_loadd(5, &btiles[size_t(t * 16)], 64);                        \
-            _tile_dpbf16ps(T, 4, 5);                                            \
-        }                                                                       \
-    } while (0)
 
 // 64 bytes (4 rows p of a block) -> 4 AMX B-tile rows: 16 dwords of bf16 (16 + q_lo, 16 + q_hi)
 // each. bf16(16 + q) = 0x41 : (0x80 + 8 q), so one in-lane byte lookup gives the low bytes and
@@ -313,26 +305,20 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
 
 void gemm_dp(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
              int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
-    const int64_t G = K / group, NB = (N + 15) / 16;
+    const int64_t G = K / group;
     const std::vector<float> xs = group_sums_bf16(xb, M, K, group);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t j = 0; j < NB; ++j) {
+    over_blocks_by_4_rows(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
         const float* sbj = sb + j * G * 32;
-        float out[4 * 16];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int R = int(std::min<int64_t>(4, M - m0));
-            const uint16_t* xr = xb + m0 * K;
-            const float* xsr = xs.data() + m0 * G;
-            switch (R) {
-                case 4: block_dp<4>(xr, xsr, qj, sbj, K, G, group, out); break;
-                case 3: block_dp<3>(xr, xsr, qj, sbj, K, G, group, out); break;
-                case 2: block_dp<2>(xr, xsr, qj, sbj, K, G, group, out); break;
-                default: block_dp<1>(xr, xsr, qj, sbj, K, G, group, out);
-            }
-            for (int r = 0; r < R; ++r) store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
+        const uint16_t* xr = xb + m0 * K;
+        const float* xsr = xs.data() + m0 * G;
+        switch (R) {
+            case 4: block_dp<4>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 3: block_dp<3>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 2: block_dp<2>(xr, xsr, qj, sbj, K, G, group, out); break;
+            default: block_dp<1>(xr, xsr, qj, sbj, K, G, group, out);
         }
-    }
+    });
 }
 
 void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
@@ -359,7 +345,12 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
                 __m512 acc[16];
                 for (int r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
                 for (int64_t g = 0; g < G; ++g) {
-                    INT4_GROUP_DP(0, g);
+                    _tile_zero(0);
+                    for (int64_t t = g * steps_g; t < (g + 1) * steps_g; ++t) {
+                        _tile_loadd(1, xb + m0 * K + t * 32, K * 2);
+                        _tile_loadd(2, &btiles[size_t(t * 16)], 64);
+                        _tile_dpbf16ps(0, 1, 2);
+                    }
                     _tile_stored(0, cbuf, 64);
                     const __m512 s = _mm512_loadu_ps(sbj + g * 32);
                     const __m512 bo = _mm512_loadu_ps(sbj + g * 32 + 16);
