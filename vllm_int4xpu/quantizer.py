@@ -1,6 +1,10 @@
-"""Quantize a bf16/fp16/fp32 Hugging Face model directory into a native ``int4xpu`` checkpoint.
+"""Quantize a bf16/fp16/fp32 Hugging Face model (directory or model id) into a native ``int4xpu``
+checkpoint.
 
-Round-to-nearest, per-group scales. Which tensors are quantized is decided from the model's own
+Methods (per-group scales; see ``quant_methods.py``): ``rtn`` round-to-nearest; ``hqq``
+half-quadratic optimisation of float zero points, no data; ``gptq`` error compensation from
+calibration activations, layer by layer (``calibration.py``), integer or float zero points,
+optional act-order. Which tensors are quantized is decided from the model's own
 module tree (instantiated on the meta device from config.json, so nothing is loaded twice):
 the weights of ``nn.Linear`` modules and of mixture-of-experts experts (per expert on disk,
 ``...experts.{e}.{gate,up,down}_proj.weight`` or Mixtral's ``w1/w3/w2``, which transformers 5
@@ -21,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -31,7 +36,9 @@ from safetensors.torch import save_file
 from .errors import Int4FormatError
 from .formats.base import _module_matches
 from .formats.native import NativeFormat
-from .weight import ZeroKind, quantize_rtn
+from .hub import resolve_model
+from .quant_methods import quantize_hqq
+from .weight import Int4Weight, ZeroKind, quantize_rtn
 
 logger = logging.getLogger("vllm_int4xpu.quantize")
 SHARD_BYTES = 2 * 1024**3
@@ -42,6 +49,7 @@ MOE_UNQUANTIZED = ("gate", "router", "shared_expert_gate")
 # A per-expert projection weight as checkpoints store it (experts.{e}.<proj>.weight).
 _EXPERT_WEIGHT = re.compile(r"(^|\.)experts\.\d+\.[^.]+\.weight$")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+METHODS = ("rtn", "hqq", "gptq")
 
 
 def linear_weight_names(src: Path) -> set[str]:
@@ -89,22 +97,29 @@ def moe_skips(linear_names: Iterable[str]) -> list[str]:
 
 def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group_size: int = 64,
                    zero_point: str = "int", skip: Iterable[str] = DEFAULT_SKIP,
-                   scale_dtype: Optional[torch.dtype] = None, progress: bool = True) -> Path:
-    """Write the native int4xpu checkpoint of ``src_dir`` to ``out_dir``; returns ``out_dir``.
+                   scale_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                   method: str = "rtn", act_order: bool = False,
+                   calib: Optional[str | os.PathLike] = None, nsamples: int = 128,
+                   seqlen: int = 512, revision: Optional[str] = None) -> Path:
+    """Write the native int4xpu checkpoint of ``src_dir`` (a directory or a Hugging Face model
+    id, at ``revision``) to ``out_dir``; returns ``out_dir``.
 
     ``zero_point``: "int" (asymmetric integer zero points), "float" (float zero points) or
-    "none" (symmetric). ``group_size`` -1 is per-channel.
+    "none" (symmetric). ``group_size`` -1 is per-channel. ``method``: "rtn", "hqq" (float zero
+    points only) or "gptq" (with ``calib`` text, ``nsamples`` windows of ``seqlen`` tokens,
+    ``act_order``).
     """
     from tqdm.auto import tqdm
 
-    src, out = Path(src_dir).resolve(), Path(out_dir).resolve()
-    zero_kind = ZeroKind(zero_point)
+    zero_kind = _check_method(method, zero_point, act_order, calib)
+    out = Path(out_dir).resolve()
+    if out.exists():  # before resolving a model id: nothing is fetched for a refused run
+        raise Int4FormatError("output directory already exists; refusing to overwrite", file=str(out),
+                              expected="a new path", found="existing path")
+    src = resolve_model(src_dir, revision)
     if not (src / "config.json").exists():
         raise Int4FormatError("source is not a Hugging Face model directory", file=str(src / "config.json"),
                               expected="config.json", found="missing")
-    if out.exists():
-        raise Int4FormatError("output directory already exists; refusing to overwrite", file=str(out),
-                              expected="a new path", found="existing path")
     if out == src or src in out.parents:
         raise Int4FormatError("output must not be the input directory or inside it", file=str(out),
                               expected=f"a path outside {src}", found=str(out))
@@ -124,69 +139,147 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                     "method): skipping modules named %s", ", ".join(moe))
         skip += moe
     files = _safetensors_files(src)
+    targets = {n for f in files for n in _names(f) if n in linears and not _is_skipped(n, skip)}
+    weight_fn = _weight_quantizer(method, group_size, zero_kind, scale_dtype)
+    precomputed: dict[str, Int4Weight] = {}
+    if method == "gptq":
+        from .calibration import gptq_quantize_model
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    (tmp / _PID_FILE).write_text(str(os.getpid()))
-    try:
-        to_quantize = []
-        for f in files:
-            with safe_open(f, "pt") as sf:
-                to_quantize += [n for n in sf.keys() if n in linears and not _is_skipped(n, skip)]
-        bar = tqdm(total=len(to_quantize), desc="quantizing", unit="layer", disable=not progress)
-        weight_map: dict[str, str] = {}
-        shard: dict[str, torch.Tensor] = {}
-        shard_bytes, shard_files = 0, []
+        precomputed = gptq_quantize_model(src, targets, group_size, zero_kind, scale_dtype,
+                                          act_order=act_order, calib=calib, nsamples=nsamples,
+                                          seqlen=seqlen, progress=progress)
+        rest = sorted(targets - set(precomputed))
+        if rest:
+            logger.info("GPTQ: %d weights are not nn.Linear inputs of the decoder layers in "
+                        "memory (e.g. fused MoE experts) and get %s instead: %s%s", len(rest),
+                        "hqq" if zero_kind == ZeroKind.FLOAT else "rtn", ", ".join(rest[:3]),
+                        " ..." if len(rest) > 3 else "")
 
-        def flush():
-            nonlocal shard, shard_bytes
-            if shard:
-                name = f"model-{len(shard_files) + 1:05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                shard_files.append(name)
-                for k in shard:
-                    weight_map[k] = name
-                shard, shard_bytes = {}, 0
-
+    bar = tqdm(total=len(targets), desc=f"quantizing ({method})", unit="layer",
+               disable=not progress)
+    with NativeCheckpointWriter(out) as writer:
         for f in files:
             with safe_open(f, "pt") as sf:
                 for name in sf.keys():
                     t = sf.get_tensor(name)
-                    if name in linears and not _is_skipped(name, skip):
-                        prefix = name[: -len(".weight")]
+                    if name in targets:
                         try:
-                            w = quantize_rtn(t, group_size, zero_kind, scale_dtype=scale_dtype)
+                            w = precomputed.pop(name, None) or weight_fn(t)
                         except Int4FormatError as e:
                             raise e.with_context(file=str(f), tensor=name) from None
-                        new = {f"{prefix}.{k}": v.contiguous() for k, v in NativeFormat.layer_tensors(w).items()}
+                        if act_order and w.g_idx is None:  # an act-order checkpoint: all have one
+                            w = replace(w, g_idx=(torch.arange(w.in_features) // w.group_size)
+                                        .to(torch.int32))
+                        writer.add_weight(name[: -len(".weight")], w)
                         bar.update(1)
                     else:
-                        new = {name: t.contiguous()}
-                    for k, v in new.items():
-                        shard[k] = v
-                        shard_bytes += v.numel() * v.element_size()
-                    if shard_bytes >= SHARD_BYTES:
-                        flush()
-        flush()
+                        writer.add(name, t)
         bar.close()
-        if len(shard_files) == 1:
-            os.rename(tmp / shard_files[0], tmp / "model.safetensors")
-        else:
-            # rename to the conventional -of- names
+        fmt = NativeFormat(group_size=group_size, zero_kind=zero_kind,
+                           act_order=act_order and method == "gptq", skip_modules=sorted(set(skip)))
+        writer.finish(config, fmt, copy_from=src)
+    return out
+
+
+def _check_method(method: str, zero_point: str, act_order: bool, calib) -> ZeroKind:
+    if method not in METHODS:
+        raise Int4FormatError("unknown quantization method", tensor="method",
+                              expected=list(METHODS), found=method)
+    try:
+        zero_kind = ZeroKind(zero_point)
+    except ValueError:
+        raise Int4FormatError("unknown zero-point kind", tensor="zero_point",
+                              expected=[z.value for z in ZeroKind], found=zero_point) from None
+    if method == "hqq" and zero_kind != ZeroKind.FLOAT:
+        raise Int4FormatError("method hqq optimises float zero points", tensor="zero_point",
+                              expected="float", found=zero_kind.value)
+    if method != "gptq" and (act_order or calib is not None):
+        raise Int4FormatError("--act-order and --calib apply to method gptq only",
+                              tensor="method", expected="gptq", found=method)
+    return zero_kind
+
+
+def _weight_quantizer(method: str, group_size: int, zero_kind: ZeroKind, scale_dtype):
+    """The data-free quantizer of one [N, K] weight for ``method`` (GPTQ's weights that no
+    calibration input reaches fall back to it: rtn, or hqq for float zero points)."""
+    if method == "hqq" or (method == "gptq" and zero_kind == ZeroKind.FLOAT):
+        return lambda t: quantize_hqq(t, group_size, scale_dtype=scale_dtype)
+    return lambda t: quantize_rtn(t, group_size, zero_kind, scale_dtype=scale_dtype)
+
+
+def _names(f: Path) -> list[str]:
+    with safe_open(f, "pt") as sf:
+        return list(sf.keys())
+
+
+class NativeCheckpointWriter:
+    """Writes a native checkpoint into a temporary directory beside ``out`` (2 GiB shards) and
+    renames it into place in :meth:`finish`; on any error inside the ``with`` block the
+    temporary directory is removed, so a failed or killed run leaves no partial ``out``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.weight_map: dict[str, str] = {}
+        self.shard: dict[str, torch.Tensor] = {}
+        self.shard_bytes = 0
+        self.shard_files: list[str] = []
+
+    def __enter__(self) -> "NativeCheckpointWriter":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_dirs(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        (self.tmp / _PID_FILE).write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # disk full, read-only or vanished directory
+            raise Int4FormatError("could not write the quantized checkpoint; nothing was written",
+                                  file=getattr(exc, "filename", None) or str(self.out),
+                                  expected="a writable directory with free space",
+                                  found=exc.strerror or str(exc)) from exc
+        return False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.shard[name] = tensor.contiguous()
+        self.shard_bytes += tensor.numel() * tensor.element_size()
+        if self.shard_bytes >= SHARD_BYTES:
+            self._flush()
+
+    def add_weight(self, prefix: str, w: Int4Weight) -> None:
+        for k, v in NativeFormat.layer_tensors(w).items():
+            self.add(f"{prefix}.{k}", v)
+
+    def _flush(self) -> None:
+        if self.shard:
+            name = f"model-{len(self.shard_files) + 1:05d}.safetensors"
+            save_file(self.shard, str(self.tmp / name), metadata={"format": "pt"})
+            self.shard_files.append(name)
+            for k in self.shard:
+                self.weight_map[k] = name
+            self.shard, self.shard_bytes = {}, 0
+
+    def finish(self, config: dict, fmt: NativeFormat, copy_from: Path) -> None:
+        """Write the last shard, config.json (with ``fmt``'s quantization_config), copy the
+        tokenizer and other small files of ``copy_from``, and rename into ``out``."""
+        self._flush()
+        tmp = self.tmp
+        if len(self.shard_files) == 1:
+            os.rename(tmp / self.shard_files[0], tmp / "model.safetensors")
+        else:  # rename to the conventional -of- names
             final = {}
-            for i, name in enumerate(shard_files):
-                new_name = f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors"
+            for i, name in enumerate(self.shard_files):
+                new_name = f"model-{i + 1:05d}-of-{len(self.shard_files):05d}.safetensors"
                 os.rename(tmp / name, tmp / new_name)
                 final[name] = new_name
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {}, "weight_map": {k: final[v] for k, v in weight_map.items()}}, indent=2))
-
-        fmt = NativeFormat(group_size=group_size, zero_kind=zero_kind,
-                           skip_modules=sorted(set(skip)))
-        config["quantization_config"] = fmt.to_hf_config()
+                {"metadata": {}, "weight_map": {k: final[v] for k, v in self.weight_map.items()}},
+                indent=2))
+        config = dict(config, quantization_config=fmt.to_hf_config())
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for item in src.iterdir():  # tokenizer, generation config, chat template, ...
+        for item in copy_from.iterdir():  # tokenizer, generation config, chat template, ...
             if item.name in _WEIGHT_FILES or item.suffix == ".safetensors" or item.name == "config.json":
                 continue
             if item.suffix in (".bin", ".pt", ".pth", ".gguf") or item.name.startswith("."):
@@ -195,17 +288,7 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                 shutil.copy2(item, tmp / item.name)
         (tmp / _PID_FILE).unlink()
         _apply_umask(tmp)
-        os.rename(tmp, out)
-    except OSError as e:  # disk full, read-only or vanished directory: nothing partial is left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise Int4FormatError("could not write the quantized checkpoint; nothing was written",
-                              file=getattr(e, "filename", None) or str(out),
-                              expected="a writable directory with free space",
-                              found=e.strerror or str(e)) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        os.rename(tmp, self.out)
 
 
 # Written into the temp directory while a quantize runs: a directory whose process is gone is a

@@ -1,0 +1,308 @@
+"""Weight quantization algorithms beyond round-to-nearest: HQQ and GPTQ (torch only).
+
+Each function takes one dense [N, K] weight and returns the canonical :class:`Int4Weight`; the
+model-level driver (which weights, calibration activations, writing) is ``quantizer.py``.
+
+* :func:`quantize_hqq` — half-quadratic quantization (Badri & Shaji, 2023): per group, scales
+  from the min/max range, float zero points found by minimising the l_p (p < 1) norm of the
+  weight error with a proximal (half-quadratic) solver. No calibration data.
+* :func:`quantize_gptq` — GPTQ (Frantar et al., 2022): columns quantized one at a time, the
+  rounding error of each spread over the not yet quantized columns through the inverse Hessian
+  ``H = X^T X`` of the layer's calibration inputs; group parameters are chosen when a group is
+  reached (on the already updated weights) by a clipping search weighted by diag(H); optional
+  act-order (columns in order of decreasing diag(H), written as ``g_idx``).
+
+Scales and zero points are rounded to their storage dtype *before* the codes are chosen, so the
+stored weight dequantizes to exactly what each objective was evaluated on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import Int4FormatError
+from .weight import PACK_FACTOR, Int4Weight, ZeroKind, pack_int4
+
+QMAX = 15
+
+
+def _check(weight: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    if weight.dim() != 2:
+        raise Int4FormatError("weight to quantize must be 2-D", tensor="weight", expected="[N, K]",
+                              found=list(weight.shape))
+    N, K = weight.shape
+    g = K if group_size in (-1, 0, None) else int(group_size)
+    if g <= 0 or K % g or K % PACK_FACTOR:
+        raise Int4FormatError("group size must divide in_features (and K % 8 == 0)",
+                              tensor="weight", expected=f"a divisor of K={K}", found=group_size)
+    if not torch.isfinite(weight).all():
+        raise Int4FormatError("weight to quantize has NaN or Inf values", tensor="weight",
+                              expected="finite values", found="non-finite")
+    return N, K, g
+
+
+def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).to(torch.float32)
+
+
+@dataclass
+class GroupParams:
+    """Scale and zero of each row of one group, in float32 but exactly representable in the
+    storage dtype. ``zero`` is an integer code (INT), None (NONE) or the float offset z of
+    w = (q - 8) s + z (FLOAT)."""
+
+    scale: torch.Tensor  # [N]
+    zero: Optional[torch.Tensor]  # [N]
+    kind: ZeroKind
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest codes 0..15 of ``w`` ([N] or [N, c]) under these parameters."""
+        s = self.scale if w.dim() == 1 else self.scale[:, None]
+        if self.kind == ZeroKind.NONE:
+            return torch.clamp(torch.round(w / s) + 8, 0, QMAX)
+        z = self.zero if w.dim() == 1 else self.zero[:, None]
+        if self.kind == ZeroKind.INT:
+            return torch.clamp(torch.round(w / s) + z, 0, QMAX)
+        return torch.clamp(torch.round((w - z) / s) + 8, 0, QMAX)
+
+    def dequant(self, q: torch.Tensor) -> torch.Tensor:
+        s = self.scale if q.dim() == 1 else self.scale[:, None]
+        if self.kind == ZeroKind.NONE:
+            return (q - 8) * s
+        z = self.zero if q.dim() == 1 else self.zero[:, None]
+        if self.kind == ZeroKind.INT:
+            return (q - z) * s
+        return (q - 8) * s + z
+
+
+def minmax_params(w: torch.Tensor, kind: ZeroKind, scale_dtype: torch.dtype,
+                  shrink: float | torch.Tensor = 1.0) -> GroupParams:
+    """Parameters covering [shrink * min, shrink * max] of each row of ``w`` [N, g] (the RTN
+    choice at shrink 1; smaller shrink clips outliers)."""
+    if not torch.is_tensor(shrink):
+        shrink = torch.tensor(shrink)
+    if kind == ZeroKind.NONE:
+        amax = (w.abs().amax(dim=1) * shrink).clamp_min(1e-8)
+        return GroupParams(_round_to(amax / 7.5, scale_dtype), None, kind)
+    wmin = (w.amin(dim=1) * shrink).clamp(max=0) if kind == ZeroKind.INT else w.amin(dim=1) * shrink
+    wmax = (w.amax(dim=1) * shrink).clamp(min=0) if kind == ZeroKind.INT else w.amax(dim=1) * shrink
+    s = _round_to(((wmax - wmin) / QMAX).clamp_min(1e-8), scale_dtype)
+    if kind == ZeroKind.INT:
+        return GroupParams(s, torch.clamp(torch.round(-wmin / s), 0, QMAX), kind)
+    return GroupParams(s, _round_to(wmin + 8.0 * s, scale_dtype), kind)
+
+
+def search_params(w: torch.Tensor, kind: ZeroKind, scale_dtype: torch.dtype,
+                  col_weight: Optional[torch.Tensor] = None,
+                  shrinks: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(13))
+                  ) -> GroupParams:
+    """Per row, the clipping ratio whose parameters give the least (column-weighted) squared
+    error of the group ``w`` [N, g]; ``col_weight`` [g] (e.g. diag of the Hessian) weights the
+    columns. Ratio 1.0 (min-max) is always a candidate, so this never does worse than it."""
+    cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight
+    best, best_err = None, None
+    for r in shrinks:
+        p = minmax_params(w, kind, scale_dtype, r)
+        err = ((p.dequant(p.codes(w)) - w) ** 2 * cw).sum(dim=1)
+        if best is None:
+            best, best_err = p, err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = GroupParams(torch.where(better, p.scale, best.scale),
+                           None if kind == ZeroKind.NONE else torch.where(better, p.zero, best.zero),
+                           kind)
+    return best
+
+
+def _assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+              kind: ZeroKind, g: int, scale_dtype: torch.dtype,
+              g_idx: Optional[torch.Tensor] = None) -> Int4Weight:
+    """codes [N, K] in 0..15, scales/zeros [G, N] -> Int4Weight."""
+    N, K = codes.shape
+    if kind == ZeroKind.INT:
+        zeros = zeros.to(torch.int8).contiguous()
+    elif kind == ZeroKind.FLOAT:
+        zeros = zeros.to(scale_dtype).contiguous()
+    return Int4Weight(qweight=pack_int4(codes.to(torch.int32)),
+                      scales=scales.to(scale_dtype).contiguous(), zeros=zeros, zero_kind=kind,
+                      group_size=g, in_features=K, out_features=N,
+                      g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous())
+
+
+# ----------------------------------------------------------------------------------------- HQQ
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Proximal operator of |x|^p (generalised soft threshold): shrink |x| by |x|^(p-1) / beta."""
+    a = x.abs()
+    return torch.sign(x) * torch.relu(a - a.clamp_min(1e-12).pow(p - 1) / beta)
+
+
+def quantize_hqq(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16,
+                 iters: int = 20, lp: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
+                 ) -> Int4Weight:
+    """Half-quadratic quantization with float zero points (see the module docstring).
+
+    Works in the code domain: q = round(w / s + c), w ≈ (q - c) s, with s from the group's
+    min/max range fixed and the zero c optimised. Each iteration: codes for the current c; the
+    sparse error e = shrink_lp(w - (q - c) s) (the half-quadratic split of ||w - w_q||_p^p);
+    c = mean(q - (w - e) / s), the closed-form minimiser of the quadratic part; beta grows by
+    kappa. The iterate with the least mean |w - w_q| is kept (checked after rounding c's float
+    form z = (8 - c) s to the storage dtype), so the result never has a larger l1 error than the
+    min-max start.
+    """
+    N, K, g = _check(weight, group_size)
+    w = weight.detach().to(torch.float32).reshape(-1, g)  # rows = (n, group)
+    start = minmax_params(w, ZeroKind.FLOAT, scale_dtype)
+    s = start.scale[:, None]
+    c = 8.0 - start.zero[:, None] / s  # code-domain zero of the min-max start
+
+    def evaluate(c):
+        p = GroupParams(start.scale, _round_to(((8.0 - c) * s).squeeze(1), scale_dtype),
+                        ZeroKind.FLOAT)
+        q = p.codes(w)
+        return p, q, (p.dequant(q) - w).abs().mean(dim=1)
+
+    best_p, best_q, best_err = evaluate(c)
+    for _ in range(iters):
+        q = torch.clamp(torch.round(w / s + c), 0, QMAX)
+        e = _shrink_lp(w - (q - c) * s, beta, lp)
+        c = (q - (w - e) / s).mean(dim=1, keepdim=True)
+        beta *= kappa
+        p, q, err = evaluate(c)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q = torch.where(better[:, None], q, best_q)
+        best_p = GroupParams(best_p.scale, torch.where(better, p.zero, best_p.zero), ZeroKind.FLOAT)
+    G = K // g
+    return _assemble(best_q.reshape(N, K), best_p.scale.reshape(N, G).t(),
+                     best_p.zero.reshape(N, G).t(), ZeroKind.FLOAT, g, scale_dtype)
+
+
+# ---------------------------------------------------------------------------------------- GPTQ
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from one Hessian, computed once for all weights that share it (q/k/v):
+    the upper Cholesky factor of the damped inverse, diag(H), dead columns, act-order perm."""
+
+    U: torch.Tensor  # [K, K] float32, in processing order
+    diag: torch.Tensor  # [K] float32 diag(H) before damping, in processing order
+    dead: torch.Tensor  # [K] bool, original order
+    perm: Optional[torch.Tensor]  # processing order (act-order) or None
+
+
+def prepare_hessian(hessian: torch.Tensor, act_order: bool = False,
+                    damp: float = 0.01) -> PreparedHessian:
+    """``damp`` adds ``damp * mean(diag H)`` to the diagonal; columns whose inputs never fire
+    (H_kk = 0) get H_kk = 1 (their weights are zeroed); with ``act_order`` the columns are
+    processed by decreasing H_kk."""
+    H = hessian.detach().to(torch.float64).clone()
+    K = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    diag = torch.diag(H).clone()
+    H += damp * diag.mean() * torch.eye(K, dtype=H.dtype)
+    return PreparedHessian(_inverse_cholesky_upper(H).to(torch.float32), diag.to(torch.float32),
+                           dead, perm)
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, group_size: int,
+                  zero_kind: ZeroKind | str = ZeroKind.INT, scale_dtype: torch.dtype = torch.bfloat16,
+                  act_order: bool = False, block_size: int = 128, damp: float = 0.01,
+                  clip_search: bool = True) -> Int4Weight:
+    """GPTQ of one [N, K] weight given the Hessian ``H`` [K, K] (∝ Σ x xᵀ of its inputs), or
+    its :func:`prepare_hessian` (then ``act_order`` and ``damp`` are the prepared ones). With
+    act-order each run of ``group_size`` processed columns shares one group, recorded in
+    ``g_idx``."""
+    N, K, g = _check(weight, group_size)
+    kind = ZeroKind(zero_kind)
+    if torch.is_tensor(hessian) and hessian.shape != (K, K) or (
+            not torch.is_tensor(hessian) and hessian.U.shape != (K, K)):
+        found = hessian.shape if torch.is_tensor(hessian) else hessian.U.shape
+        raise Int4FormatError("Hessian does not match the weight", tensor="hessian",
+                              expected=[K, K], found=list(found))
+    prep = prepare_hessian(hessian, act_order, damp) if torch.is_tensor(hessian) else hessian
+    W = weight.detach().to(torch.float32).clone()
+    W[:, prep.dead] = 0.0
+    if prep.perm is not None:
+        W = W[:, prep.perm]
+    with _single_thread():  # the column loop is many small ops: threads only add sync overhead
+        codes, scales, zeros = _gptq_columns(W, prep.U, prep.diag, g, kind, scale_dtype,
+                                             block_size, clip_search)
+    g_idx = None
+    if prep.perm is not None:
+        inv = torch.argsort(prep.perm)
+        codes = codes[:, inv]
+        g_idx = (torch.arange(K) // g)[inv]
+    return _assemble(codes, scales, zeros, kind, g, scale_dtype, g_idx)
+
+
+@contextlib.contextmanager
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _gptq_columns(W, U, diag32, g, kind, scale_dtype, block_size, clip_search):
+    """GPTQ's blocked column loop on W [N, K] (updated in place) with U = chol(H⁻¹) upper."""
+    N, K = W.shape
+    G = K // g
+    codes = torch.zeros(N, K, dtype=torch.float32)
+    scales = torch.empty(G, N)
+    zeros = None if kind == ZeroKind.NONE else torch.empty(G, N)
+    params: Optional[GroupParams] = None
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = i1 + j
+            if col % g == 0:
+                # parameters of the group starting here, from the weights as updated so far
+                gw = torch.cat([W1[:, j:], W[:, i2:]], dim=1)[:, :g]
+                params = (search_params(gw, kind, scale_dtype, diag32[col:col + g]) if clip_search
+                          else minmax_params(gw, kind, scale_dtype))
+                scales[col // g] = params.scale
+                if zeros is not None:
+                    zeros[col // g] = params.zero
+            w = W1[:, j]
+            q = params.codes(w)
+            codes[:, col] = q
+            err = (w - params.dequant(q)) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            E1[:, j] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, scales, zeros
+
+
+def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹; adds more damping if H is not positive definite."""
+    extra = 0.0
+    for _ in range(6):
+        try:
+            L = torch.linalg.cholesky(H + extra * torch.eye(H.shape[0], dtype=H.dtype))
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True)
+        except RuntimeError:
+            extra = max(extra * 10, 1e-6 * float(torch.diag(H).mean()))
+    raise Int4FormatError("calibration Hessian is not positive definite even with damping",
+                          tensor="hessian", expected="positive definite", found="singular")
+
+
+def reconstruction_error(weight: torch.Tensor, qweight_dense: torch.Tensor,
+                         x: torch.Tensor) -> float:
+    """‖x Wᵀ − x Ŵᵀ‖² / ‖x Wᵀ‖² in float64: GPTQ's objective on calibration inputs ``x``."""
+    x64 = x.to(torch.float64)
+    ref = x64 @ weight.to(torch.float64).t()
+    return float(((ref - x64 @ qweight_dense.to(torch.float64).t()) ** 2).sum() / (ref ** 2).sum())
