@@ -47,7 +47,8 @@ NEAR_TIE = 0.25
 
 
 def fixture_names():
-    return sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle").is_dir())
+    return sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle").is_dir()
+                  and not (p / "qmodel.pt").exists())  # convert first: tests/test_convert.py
 
 
 # ---------------------------------------------------------------------------- reference models
@@ -231,11 +232,33 @@ def gptq_v1_zero_point_16(tmp: Path) -> Path:
     return dst
 
 
+def converted_hqq_save(tmp: Path) -> Path:
+    """HQQ's own qmodel.pt save, rewritten by ``vllm-int4xpu convert``."""
+    from vllm_int4xpu.convert import convert_checkpoint
+
+    out = tmp / "hqq_qmodel_g64-converted"
+    convert_checkpoint(FIXTURES / "hqq_qmodel_g64", out, progress=False)
+    return out
+
+
+def gptq_act_order_float(tmp: Path) -> Path:
+    """A tiny Llama quantized by our GPTQ (float zero points, act-order g_idx)."""
+    from tiny_model import make_tiny_llama
+    from vllm_int4xpu.quantizer import quantize_model
+
+    src = make_tiny_llama(tmp / "tiny-src")
+    return quantize_model(src, tmp / "tiny-gptq-float-ao", group_size=32, zero_point="float",
+                          method="gptq", act_order=True, seqlen=64, nsamples=8, progress=False)
+
+
 def test_default_subset_matches_dense_and_builtin(tmp_path):
     """Representative subset in the default run: GPTQ v1 asym desc_act, CT asym, HQQ float zp,
-    a GPTQ v1 checkpoint with zero points 16 against dense float32 copies, one bf16 pair, and
+    a GPTQ v1 checkpoint with zero points 16, a converted HQQ qmodel.pt save and our own GPTQ
+    act-order float-zero checkpoint against dense float32 copies, one bf16 pair, and
     symmetric GPTQ against vLLM's built-in."""
-    check_against_dense(DEFAULT_DENSE + [gptq_v1_zero_point_16(tmp_path)], tmp_path)
+    check_against_dense(DEFAULT_DENSE + [gptq_v1_zero_point_16(tmp_path),
+                                         converted_hqq_save(tmp_path),
+                                         gptq_act_order_float(tmp_path)], tmp_path)
     check_against_dense(["ar_awq_asym_g128"], tmp_path, "bfloat16", BF16_TOL)
     check_against_builtin(["ar_gptq_sym_g128"])
 

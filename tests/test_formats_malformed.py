@@ -55,7 +55,8 @@ def set_(key, fn):
 
 
 def test_clean_fixtures_have_no_problems():
-    for d in sorted(p for p in FIXTURES.iterdir() if (p / "oracle").is_dir()):
+    for d in sorted(p for p in FIXTURES.iterdir() if (p / "oracle").is_dir()
+                    and not (p / "qmodel.pt").exists()):
         rep = check_checkpoint(str(d), "cpu")
         assert not rep.problems, (d.name, [str(e) for e in rep.problems])
         assert rep.layers >= 13, d.name

@@ -115,7 +115,9 @@ def hqq_layer_weight(sd: dict, prefix: str, file: str) -> tuple[Int4Weight, torc
             tensors[key] = fmt.prepare_loaded(key, t, geo)
         w = fmt.to_canonical(tensors, geo).validate(file=file, name=prefix)
     except Int4FormatError as e:
-        raise e.with_context(file=file, tensor=prefix) from None
+        where = e.tensor if e.tensor and e.tensor.startswith(prefix) else \
+            f"{prefix}.{e.tensor}" if e.tensor else prefix
+        raise e.with_context(file=file, tensor=where) from None
     codes = unpack_hqq_rows(w_q).to(torch.float64).reshape(N, K)
     rows = lambda t: t.to(torch.float64).reshape(N, K // g).repeat_interleave(g, dim=1)  # noqa: E731
     exact = (codes - rows(get("zero"))) * rows(get("scale"))

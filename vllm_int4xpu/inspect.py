@@ -18,6 +18,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -30,6 +31,7 @@ from .formats.gptq import GPTQLayout
 from .formats.hqq import HQQFormat
 from .formats.native import NativeFormat
 from .formats.torchao import TorchAOFormat
+from .hub import looks_like_model_id, resolve_model
 from .weight import PACK_FACTOR, Int4Weight
 
 
@@ -164,6 +166,14 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     try:
         fmt = parse_format(_load_config(path))
     except Int4FormatError as e:
+        from .convert import detect_source
+
+        kind = detect_source(Path(path))
+        if kind is not None:  # a layout vLLM cannot load in place but convert rewrites
+            e = Int4FormatError(f"{kind} checkpoint: vLLM cannot load it in place; rewrite it "
+                                f"losslessly with `vllm-int4xpu convert {path} OUT` and serve OUT",
+                                file=path, expected="a checkpoint vLLM loads in place",
+                                found=kind)
         rep.problems.append(e)
         return rep
     rep.fmt, rep.description = fmt, fmt.describe()
@@ -406,16 +416,23 @@ def format_report(rep: Report) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="vllm-int4xpu inspect",
                                  description="Describe and validate an int4 checkpoint offline.")
-    ap.add_argument("ckpt_dir", help="checkpoint directory (config.json + *.safetensors)")
+    ap.add_argument("ckpt_dir", help="checkpoint directory (config.json + *.safetensors) or a "
+                                     "Hugging Face model id org/name")
+    ap.add_argument("--revision", default=None, help="branch, tag or commit of a model id")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "xpu"], default="auto",
                     help="device type to choose the kernel backend for (default: this machine)")
     ap.add_argument("--json", action="store_true", help="print a JSON summary instead")
     args = ap.parse_args(argv)
     logging.getLogger("vllm_int4xpu").setLevel(logging.WARNING)
-    if not os.path.isdir(args.ckpt_dir):
+    if not os.path.isdir(args.ckpt_dir) and not looks_like_model_id(args.ckpt_dir):
         print(f"error: not a directory: {args.ckpt_dir}", file=sys.stderr)
         return 2
-    rep = check_checkpoint(args.ckpt_dir, None if args.device == "auto" else args.device)
+    try:
+        path = str(resolve_model(args.ckpt_dir, args.revision))
+    except Int4FormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep = check_checkpoint(path, None if args.device == "auto" else args.device)
     if args.json:
         print(json.dumps({"path": rep.path, **rep.description, "quantized_layers": rep.layers,
                           "unquantized_linears": rep.unquantized_linears,
