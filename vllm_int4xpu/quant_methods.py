@@ -98,25 +98,65 @@ def minmax_params(w: torch.Tensor, kind: ZeroKind, scale_dtype: torch.dtype,
 
 def search_params(w: torch.Tensor, kind: ZeroKind, scale_dtype: torch.dtype,
                   col_weight: Optional[torch.Tensor] = None,
-                  shrinks: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(13))
-                  ) -> GroupParams:
+                  shrinks: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(13)),
+                  refits: int = 2) -> GroupParams:
     """Per row, the clipping ratio whose parameters give the least (column-weighted) squared
     error of the group ``w`` [N, g]; ``col_weight`` [g] (e.g. diag of the Hessian) weights the
-    columns. Ratio 1.0 (min-max) is always a candidate, so this never does worse than it."""
+    columns. Then ``refits`` rounds of least squares: with the codes fixed, the scale (and the
+    float zero point) that minimise the weighted error, rounded to the storage dtype, kept
+    where they lower it. Ratio 1.0 (min-max) is always a candidate, so this never does worse
+    than min-max."""
     cw = torch.ones(w.shape[1], dtype=w.dtype, device=w.device) if col_weight is None else col_weight
+
+    def error(p):
+        return ((p.dequant(p.codes(w)) - w) ** 2 * cw).sum(dim=1)
+
+    def pick(better, a, b):
+        return GroupParams(torch.where(better, a.scale, b.scale),
+                           None if kind == ZeroKind.NONE else torch.where(better, a.zero, b.zero),
+                           kind)
+
     best, best_err = None, None
     for r in shrinks:
         p = minmax_params(w, kind, scale_dtype, r)
-        err = ((p.dequant(p.codes(w)) - w) ** 2 * cw).sum(dim=1)
+        err = error(p)
         if best is None:
             best, best_err = p, err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = GroupParams(torch.where(better, p.scale, best.scale),
-                           None if kind == ZeroKind.NONE else torch.where(better, p.zero, best.zero),
-                           kind)
+        best = pick(better, p, best)
+    for _ in range(refits):
+        p = _least_squares_refit(w, best, cw, scale_dtype)
+        err = error(p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = pick(better, p, best)
     return best
+
+
+def _least_squares_refit(w: torch.Tensor, p: GroupParams, cw: torch.Tensor,
+                         scale_dtype: torch.dtype) -> GroupParams:
+    """With the codes of ``p`` fixed, the weighted least-squares scale (and float zero point;
+    integer zero points stay) of each row, rounded to the storage dtype."""
+    q = p.codes(w)
+    if p.kind == ZeroKind.FLOAT:  # w ≈ u s + z, u = q - 8: a 2x2 normal system per row
+        u = q - 8
+        s_uu, s_u, s_1 = (cw * u * u).sum(1), (cw * u).sum(1), cw.sum().expand(u.shape[0])
+        s_uw, s_w = (cw * u * w).sum(1), (cw * w).sum(1)
+        det = s_uu * s_1 - s_u * s_u
+        ok = det.abs() > 1e-12 * s_uu.clamp_min(1e-30) * s_1
+        scale = torch.where(ok, (s_uw * s_1 - s_u * s_w) / torch.where(ok, det, 1.0), p.scale)
+        zero = torch.where(ok, (s_uu * s_w - s_u * s_uw) / torch.where(ok, det, 1.0), p.zero)
+        ok &= scale > 0
+        return GroupParams(torch.where(ok, _round_to(scale.clamp_min(1e-8), scale_dtype), p.scale),
+                           torch.where(ok, _round_to(zero, scale_dtype), p.zero), p.kind)
+    u = q - (8 if p.kind == ZeroKind.NONE else p.zero[:, None])
+    den = (cw * u * u).sum(1)
+    scale = (cw * u * w).sum(1) / den.clamp_min(1e-30)
+    ok = (den > 0) & (scale > 0)
+    return GroupParams(torch.where(ok, _round_to(scale.clamp_min(1e-8), scale_dtype), p.scale),
+                       p.zero, p.kind)
 
 
 def _assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
