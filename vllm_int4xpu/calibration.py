@@ -120,7 +120,7 @@ def _layer_out(out):
 
 def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind: ZeroKind,
                         scale_dtype: torch.dtype, act_order: bool = False,
-                        calib: Optional[str | Path] = None, nsamples: int = 128,
+                        calib: Optional[str | Path] = None, nsamples: int = 32,
                         seqlen: int = 512, batch_size: int = 8, progress: bool = True,
                         fallback: Optional[Callable[[torch.Tensor], Int4Weight]] = None,
                         ) -> dict[str, Int4Weight]:

@@ -99,7 +99,7 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                    zero_point: str = "int", skip: Iterable[str] = DEFAULT_SKIP,
                    scale_dtype: Optional[torch.dtype] = None, progress: bool = True,
                    method: str = "rtn", act_order: bool = False,
-                   calib: Optional[str | os.PathLike] = None, nsamples: int = 128,
+                   calib: Optional[str | os.PathLike] = None, nsamples: int = 32,
                    seqlen: int = 512, revision: Optional[str] = None) -> Path:
     """Write the native int4xpu checkpoint of ``src_dir`` (a directory or a Hugging Face model
     id, at ``revision``) to ``out_dir``; returns ``out_dir``.

@@ -189,7 +189,7 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, zero_kind: ZeroKind | st
 
     ``group_size`` -1 (or K) means per-channel. ZeroKind.NONE is symmetric (zp = 8, codes use
     -8..7 around it); INT stores asymmetric integer zero points; FLOAT stores min-based float
-    offsets (torchao/HQQ convention w = (q - 8) * s + z).
+    offsets (torchao/HQQ convention w = (q - 8) * s + z) in float32.
     """
     zero_kind = ZeroKind(zero_kind)
     if weight.dim() != 2:
@@ -217,10 +217,11 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, zero_kind: ZeroKind | st
             q = torch.clamp(torch.round(w / s[..., None]) + zp[..., None], 0, 15)
             zeros = zp.to(torch.int8).t().contiguous()
         else:
-            # w ~ (q - 8) s + z with q in 0..15 spanning [wmin, wmax]: z = wmin + 8 s
-            z = (wmin + 8.0 * s).to(scale_dtype).to(torch.float32)
+            # w ~ (q - 8) s + z with q in 0..15 spanning [wmin, wmax]: z = wmin + 8 s, kept in
+            # float32 (a bf16 z would bias the whole group by up to |z| * 2^-9)
+            z = wmin + 8.0 * s
             q = torch.clamp(torch.round((w - z[..., None]) / s[..., None]) + 8, 0, 15)
-            zeros = z.to(scale_dtype).t().contiguous()
+            zeros = z.t().contiguous()
     qweight = pack_int4(q.reshape(N, K).to(torch.int32))
     return Int4Weight(qweight=qweight, scales=s.to(scale_dtype).t().contiguous(), zeros=zeros,
                       zero_kind=zero_kind, group_size=g, in_features=K, out_features=N)
