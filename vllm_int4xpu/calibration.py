@@ -52,20 +52,24 @@ def calibration_documents(path: Optional[str | Path] = None) -> list[str]:
 
 def calibration_windows(tokenizer, docs: list[str], seqlen: int, nsamples: int,
                         source: str = "calibration text") -> torch.Tensor:
-    """Token windows [n, seqlen] (n ≤ nsamples) cut from the documents joined by EOS."""
+    """Token windows [n, seqlen] (n ≤ nsamples, evenly spread) cut from the documents joined
+    by EOS."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for d in docs:
         ids += tokenizer(d, add_special_tokens=False)["input_ids"]
         if eos is not None:
             ids.append(eos)
-    n = min(len(ids) // seqlen, nsamples)
-    if n < MIN_WINDOWS:
+    total = len(ids) // seqlen
+    if min(total, nsamples) < MIN_WINDOWS:
         raise Int4FormatError("calibration text too short", file=source,
                               expected=f">= {MIN_WINDOWS * seqlen} tokens "
                                        f"({MIN_WINDOWS} windows of {seqlen})",
                               found=f"{len(ids)} tokens")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    windows = torch.tensor(ids[: total * seqlen], dtype=torch.long).view(total, seqlen)
+    # more windows than asked: take them evenly spread over the text, not just its beginning
+    pick = torch.linspace(0, total - 1, min(total, nsamples)).round().long()
+    return windows[pick]
 
 
 class _StopForward(Exception):
