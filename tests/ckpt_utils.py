@@ -56,3 +56,18 @@ def assert_outputs_close(ours, ref, topk_ok: int = 5, max_lp_diff: float = 0.15,
                 f"prompt {i} pos {pos}: tokens {x} vs {y} not in each other's top-{topk_ok}")
             assert abs(la[str(x)] - lb[str(x)]) <= max_lp_diff + 0.1
             break
+
+
+def native_weights(qdir) -> tuple[dict, dict]:
+    """(quantization_config, {module prefix: canonical Int4Weight}) of a native checkpoint."""
+    qdir = Path(qdir)
+    cfg = json.loads((qdir / "config.json").read_text())["quantization_config"]
+    fmt = NativeFormat.from_hf_config(cfg)
+    sd = load_file(str(qdir / "model.safetensors"))
+    weights = {}
+    for name in [n for n in sd if n.endswith(".qweight")]:
+        p = name[: -len(".qweight")]
+        t = {k.rsplit(".", 1)[1]: sd[k] for k in sd if k.rsplit(".", 1)[0] == p}
+        N, K = t["qweight"].shape[0], t["qweight"].shape[1] * 8
+        weights[p] = fmt.to_canonical(t, LayerGeometry(K, N, K, N)).validate(name=p)
+    return cfg, weights

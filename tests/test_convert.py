@@ -22,10 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ckpt_utils import native_weights
 from vllm_int4xpu.convert import convert_checkpoint, detect_source
 from vllm_int4xpu.errors import Int4FormatError
-from vllm_int4xpu.formats.base import LayerGeometry
-from vllm_int4xpu.formats.native import NativeFormat
 from vllm_int4xpu.weight import dequantize
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,17 +32,7 @@ QMODEL = ["hqq_qmodel_g64", "hqq_qmodel_g128_fp16"]
 
 
 def native_dequantized(out: Path) -> dict[str, torch.Tensor]:
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    fmt = NativeFormat.from_hf_config(cfg)
-    sd = load_file(str(out / "model.safetensors"))
-    res = {}
-    for name in [n for n in sd if n.endswith(".qweight")]:
-        p = name[: -len(".qweight")]
-        t = {k.rsplit(".", 1)[1]: sd[k] for k in sd if k.rsplit(".", 1)[0] == p}
-        N, K = t["qweight"].shape[0], t["qweight"].shape[1] * 8
-        res[p + ".weight"] = dequantize(fmt.to_canonical(t, LayerGeometry(K, N, K, N))
-                                        .validate(name=p), torch.float64)
-    return res
+    return {p + ".weight": dequantize(w, torch.float64) for p, w in native_weights(out)[1].items()}
 
 
 @pytest.mark.parametrize("name", QMODEL)

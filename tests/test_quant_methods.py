@@ -9,15 +9,13 @@ and both zero-point kinds; act-order g_idx groups have exactly ``group_size`` me
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpt_utils import native_weights
 from vllm_int4xpu.errors import Int4FormatError
-from vllm_int4xpu.formats.base import LayerGeometry
-from vllm_int4xpu.formats.native import NativeFormat
 from vllm_int4xpu.quant_methods import (minmax_params, prepare_hessian, quantize_gptq,
                                         quantize_hqq, reconstruction_error, search_params)
 from vllm_int4xpu.weight import ZeroKind, dequantize, quantize_rtn, unpack_int4
@@ -138,25 +136,12 @@ def test_methods_refuse_bad_weights():
 
 
 # ------------------------------------------------------------------------ model-level quantize
-def _native_weights(out):
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    fmt = NativeFormat.from_hf_config(cfg)
-    sd = load_file(str(out / "model.safetensors"))
-    weights = {}
-    for name in [n for n in sd if n.endswith(".qweight")]:
-        p = name[: -len(".qweight")]
-        t = {k.rsplit(".", 1)[1]: sd[k] for k in sd if k.rsplit(".", 1)[0] == p}
-        N, K = t["qweight"].shape[0], t["qweight"].shape[1] * 8
-        weights[p] = fmt.to_canonical(t, LayerGeometry(K, N, K, N)).validate(name=p)
-    return cfg, weights
-
-
 def test_quantize_method_hqq_writes_float_zero_points(tiny_dir, tmp_path):
     from vllm_int4xpu.quantizer import quantize_model
 
     out = quantize_model(tiny_dir, tmp_path / "hqq", group_size=32, zero_point="float",
                          method="hqq", progress=False)
-    cfg, weights = _native_weights(out)
+    cfg, weights = native_weights(out)
     assert cfg["zero_point"] == "float" and cfg["group_size"] == 32 and not cfg["act_order"]
     assert len(weights) == 14 and all(w.zero_kind == ZeroKind.FLOAT for w in weights.values())
     dense = load_file(str(tiny_dir / "model.safetensors"))
@@ -179,7 +164,7 @@ def test_quantize_method_gptq_beats_rtn_on_the_calibration_activations(tiny_dir,
     out = quantize_model(tiny_dir, tmp_path / "gptq", group_size=32, zero_point=zero,
                          method="gptq", act_order=act_order, seqlen=64, nsamples=16,
                          progress=False)
-    cfg, weights = _native_weights(out)
+    cfg, weights = native_weights(out)
     assert cfg["act_order"] is act_order and len(weights) == 14
     assert all((w.g_idx is not None) == act_order for w in weights.values())
 

@@ -25,28 +25,13 @@ from typing import Optional
 import torch
 
 from .errors import Int4FormatError
-from .weight import PACK_FACTOR, Int4Weight, ZeroKind, pack_int4
+from .weight import Int4Weight, ZeroKind, check_quantizable, pack_int4
 
 QMAX = 15
 # Float zero points are stored in float32: rounding z to bf16 shifts every weight of the group by
 # up to |z| * 2^-9, a bias as large as the mean rounding error of a 64-weight group, and one that
 # adds up coherently over a layer's inputs (measured on SmolLM2: 5 % perplexity for HQQ g64).
 FLOAT_ZERO_DTYPE = torch.float32
-
-
-def _check(weight: torch.Tensor, group_size: int) -> tuple[int, int, int]:
-    if weight.dim() != 2:
-        raise Int4FormatError("weight to quantize must be 2-D", tensor="weight", expected="[N, K]",
-                              found=list(weight.shape))
-    N, K = weight.shape
-    g = K if group_size in (-1, 0, None) else int(group_size)
-    if g <= 0 or K % g or K % PACK_FACTOR:
-        raise Int4FormatError("group size must divide in_features (and K % 8 == 0)",
-                              tensor="weight", expected=f"a divisor of K={K}", found=group_size)
-    if not torch.isfinite(weight).all():
-        raise Int4FormatError("weight to quantize has NaN or Inf values", tensor="weight",
-                              expected="finite values", found="non-finite")
-    return N, K, g
 
 
 def _round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +182,7 @@ def quantize_hqq(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype
     kappa. The iterate with the least mean |w - w_q| is kept; finally its float zero point
     z = (8 - c) s moves by the group's mean error, which makes that mean zero.
     """
-    N, K, g = _check(weight, group_size)
+    N, K, g = check_quantizable(weight, group_size)
     w = weight.detach().to(torch.float32).reshape(-1, g)  # rows = (n, group)
     start = minmax_params(w, ZeroKind.FLOAT, scale_dtype)
     s = start.scale[:, None]
@@ -267,7 +252,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     its :func:`prepare_hessian` (then ``act_order`` and ``damp`` are the prepared ones). With
     act-order each run of ``group_size`` processed columns shares one group, recorded in
     ``g_idx``."""
-    N, K, g = _check(weight, group_size)
+    N, K, g = check_quantizable(weight, group_size)
     kind = ZeroKind(zero_kind)
     if torch.is_tensor(hessian) and hessian.shape != (K, K) or (
             not torch.is_tensor(hessian) and hessian.U.shape != (K, K)):

@@ -183,6 +183,23 @@ def reference_linear(x: torch.Tensor, w: Int4Weight, bias: Optional[torch.Tensor
     return y
 
 
+def check_quantizable(weight: torch.Tensor, group_size: int) -> tuple[int, int, int]:
+    """(N, K, g) of a dense [N, K] weight to quantize with ``group_size`` (-1: per-channel);
+    Int4FormatError unless 2-D, finite, K % 8 == 0 and g divides K."""
+    if weight.dim() != 2:
+        raise Int4FormatError("weight to quantize must be 2-D", tensor="weight", expected="[N, K]",
+                              found=list(weight.shape))
+    N, K = weight.shape
+    g = K if group_size in (-1, 0, None) else int(group_size)
+    if g <= 0 or K % g or K % PACK_FACTOR:
+        raise Int4FormatError("group size must divide in_features (and K % 8 == 0)",
+                              tensor="weight", expected=f"a divisor of K={K}", found=group_size)
+    if not torch.isfinite(weight).all():
+        raise Int4FormatError("weight to quantize has NaN or Inf values", tensor="weight",
+                              expected="finite values", found="non-finite")
+    return N, K, g
+
+
 def quantize_rtn(weight: torch.Tensor, group_size: int, zero_kind: ZeroKind | str = ZeroKind.INT,
                  scale_dtype: torch.dtype = torch.bfloat16) -> Int4Weight:
     """Round-to-nearest int4 quantization of a dense [N, K] weight.
@@ -192,14 +209,7 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, zero_kind: ZeroKind | st
     offsets (torchao/HQQ convention w = (q - 8) * s + z) in float32.
     """
     zero_kind = ZeroKind(zero_kind)
-    if weight.dim() != 2:
-        raise Int4FormatError("weight to quantize must be 2-D", tensor="weight", expected="[N, K]",
-                              found=list(weight.shape))
-    N, K = weight.shape
-    g = K if group_size in (-1, 0, None) else int(group_size)
-    if g <= 0 or K % g or K % PACK_FACTOR:
-        raise Int4FormatError("group size must divide in_features (and K % 8 == 0)",
-                              tensor="weight", expected=f"a divisor of K={K}", found=group_size)
+    N, K, g = check_quantizable(weight, group_size)
     w = weight.detach().to(torch.float32).reshape(N, K // g, g)
     if zero_kind == ZeroKind.NONE:
         amax = w.abs().amax(dim=-1).clamp_min(1e-8)
