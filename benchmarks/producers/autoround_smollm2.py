@@ -17,46 +17,16 @@ skipped, as llm-compressor refuses it and the plugin refuses HQQ's such groups.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import time
+import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, publish, run_groups, setup_offline, split_documents  # noqa: E402
+
+setup_offline()
 
 SEQLEN = 512
 MAX_SAMPLES = 64
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
-
-
-def split_documents(path: Path) -> list[str]:
-    docs, cur = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() == "=====":
-            docs.append("\n".join(cur).strip())
-            cur = []
-        else:
-            cur.append(line)
-    docs.append("\n".join(cur).strip())
-    return [d for d in docs if d]
-
-
-def indivisible(src: Path, group: int) -> list[str]:
-    """Linear input widths of the model that ``group`` does not divide."""
-    cfg = json.loads((src / "config.json").read_text())
-    widths = {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"]}
-    return [f"{k}={v}" for k, v in widths.items() if v % group]
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 def quantize(src: Path, out: Path, group: int, docs: list[str], iters: int, batch_size: int,
@@ -74,22 +44,16 @@ def quantize(src: Path, out: Path, group: int, docs: list[str], iters: int, batc
     ar = AutoRound(model, tok, bits=4, group_size=group, sym=False, iters=iters, dataset=docs,
                    seqlen=SEQLEN, nsamples=len(docs), batch_size=min(batch_size, used),
                    device_map="cpu")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ar.quantize_and_save(str(tmp), format=fmt)
-    made = sorted(p.parent for p in tmp.rglob("config.json"))[0]  # auto-round may nest it
-    copy_tokenizer(src, made)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(made, out)
-    shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> Path:
+        ar.quantize_and_save(str(tmp), format=fmt)
+        return sorted(p.parent for p in tmp.rglob("config.json"))[0]  # auto-round may nest it
+
+    publish(out, write, src)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=Path("/work/e2e-models/smollm2-bf16"))
-    ap.add_argument("--out-root", type=Path, default=Path("/work/accuracy-models"))
-    ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--calib", type=Path, required=True, help="text file, documents split by =====")
+    ap = parser(__doc__, calib_required=True)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--format", default="auto_round", choices=["auto_round", "auto_gptq"])
@@ -97,17 +61,10 @@ def main() -> None:
     if args.iters <= 0:
         raise SystemExit("--iters must be > 0: these checkpoints are tuned, not RTN")
     docs = split_documents(args.calib)
-    args.out_root.mkdir(parents=True, exist_ok=True)
-    for g in args.groups:
-        out = args.out_root / f"autoround-asym-g{g}"
-        bad = indivisible(args.src, g)
-        if bad:
-            print(f"skipping group {g}: it does not divide {', '.join(bad)}; "
-                  "groups would straddle rows of those layers", flush=True)
-            continue
-        t0 = time.time()
-        quantize(args.src, out, g, docs, args.iters, args.batch_size, args.format)
-        print(f"{out}: {time.time() - t0:.1f}s", flush=True)
+    run_groups(args, "autoround-asym-g",
+               lambda out, g: quantize(args.src, out, g, docs, args.iters, args.batch_size,
+                                       args.format),
+               refuses="groups would straddle rows of those layers")
 
 
 if __name__ == "__main__":

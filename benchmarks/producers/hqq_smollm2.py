@@ -12,23 +12,13 @@ Writes ``<out-root>/hqq-g{G}`` with the source's tokenizer files. HQQ needs no c
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import time
+import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, publish, run_groups, setup_offline  # noqa: E402
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+setup_offline(datasets=False)
 
 
 def quantize(src: Path, out: Path, group: int) -> None:
@@ -38,27 +28,17 @@ def quantize(src: Path, out: Path, group: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=torch.bfloat16, device_map="cpu",
         quantization_config=HqqConfig(nbits=4, group_size=group, axis=1))
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    copy_tokenizer(src, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+
+    publish(out, write, src)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=Path("/work/e2e-models/smollm2-bf16"))
-    ap.add_argument("--out-root", type=Path, default=Path("/work/accuracy-models"))
-    ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--calib", type=Path, help="ignored: HQQ is calibration-free")
-    args = ap.parse_args()
-    args.out_root.mkdir(parents=True, exist_ok=True)
-    for g in args.groups:
-        out = args.out_root / f"hqq-g{g}"
-        t0 = time.time()
-        quantize(args.src, out, g)
-        print(f"{out}: {time.time() - t0:.1f}s", flush=True)
+    args = parser(__doc__, calib_required=False,
+                  calib_help="ignored: HQQ is calibration-free").parse_args()
+    run_groups(args, "hqq-g", lambda out, g: quantize(args.src, out, g))
 
 
 if __name__ == "__main__":

@@ -15,45 +15,15 @@ or intermediate_size (128 for SmolLM2's 576) is skipped: llm-compressor refuses 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import time
+import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import parser, publish, run_groups, setup_offline, split_documents  # noqa: E402
+
+setup_offline()
 
 MAX_SEQ_LEN = 512
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
-
-
-def split_documents(path: Path) -> list[str]:
-    docs, cur = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip() == "=====":
-            docs.append("\n".join(cur).strip())
-            cur = []
-        else:
-            cur.append(line)
-    docs.append("\n".join(cur).strip())
-    return [d for d in docs if d]
-
-
-def indivisible(src: Path, group: int) -> list[str]:
-    """Linear input widths of the model that ``group`` does not divide."""
-    cfg = json.loads((src / "config.json").read_text())
-    widths = {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"]}
-    return [f"{k}={v}" for k, v in widths.items() if v % group]
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 def quantize(src: Path, out: Path, group: int, docs: list[str]) -> None:
@@ -74,34 +44,19 @@ def quantize(src: Path, out: Path, group: int, docs: list[str]) -> None:
     recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
     oneshot(model=model, dataset=ds, recipe=recipe, processor=tok, max_seq_length=MAX_SEQ_LEN,
             num_calibration_samples=len(ds))
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), save_compressed=True)
-    copy_tokenizer(src, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), save_compressed=True)
+
+    publish(out, write, src)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", type=Path, default=Path("/work/e2e-models/smollm2-bf16"))
-    ap.add_argument("--out-root", type=Path, default=Path("/work/accuracy-models"))
-    ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--calib", type=Path, required=True, help="text file, documents split by =====")
-    args = ap.parse_args()
+    args = parser(__doc__, calib_required=True).parse_args()
     docs = split_documents(args.calib)
     print(f"{len(docs)} calibration documents from {args.calib}", flush=True)
-    args.out_root.mkdir(parents=True, exist_ok=True)
-    for g in args.groups:
-        out = args.out_root / f"llmc-gptq-asym-g{g}"
-        bad = indivisible(args.src, g)
-        if bad:
-            print(f"skipping group {g}: it does not divide {', '.join(bad)}; "
-                  "llm-compressor refuses such layers", flush=True)
-            continue
-        t0 = time.time()
-        quantize(args.src, out, g, docs)
-        print(f"{out}: {time.time() - t0:.1f}s", flush=True)
+    run_groups(args, "llmc-gptq-asym-g", lambda out, g: quantize(args.src, out, g, docs),
+               refuses="llm-compressor refuses such layers")
 
 
 if __name__ == "__main__":
