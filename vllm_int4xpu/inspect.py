@@ -266,6 +266,9 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
                 raise e.with_context(file=e.file or files.get((e.tensor or "").rsplit(".", 1)[-1],
                                                                main_file), tensor=tname)
         except Int4FormatError as e:
+            if not (e.tensor or "").startswith(mod):  # e.g. a group size the layer cannot take
+                e = e.with_context(file=e.file or main_file,
+                                   tensor=f"{mod}.{e.tensor}" if e.tensor else mod)
             rep.problems.append(e if e.file else e.with_context(file=main_file))
             continue
         rep.layers += 1
