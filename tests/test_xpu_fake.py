@@ -101,7 +101,7 @@ def test_native_float_path_pads_single_row_on_buggy_builds():
     from vllm_int4xpu.kernels.xpu_onednn import native_float_zp_mm
     mode = FakeTensorMode()
     w = make_weight(64, ZeroKind.FLOAT, False, torch.bfloat16)
-    sz = torch.stack([w.scales, w.zeros], -1).contiguous()
+    sz = torch.stack([w.scales, w.zeros.to(w.scales.dtype)], -1).contiguous()
     checked = CheckedAtenOps(float_zp_m1_buggy=True)
     x, qw, fsz = (to_fake(mode, t) for t in (torch.randn(1, K).bfloat16(), w.qweight, sz))
     with mode:
