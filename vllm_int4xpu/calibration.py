@@ -124,8 +124,9 @@ def _layer_out(out):
 
 def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind: ZeroKind,
                         scale_dtype: torch.dtype, act_order: bool = False,
-                        calib: Optional[str | Path] = None, nsamples: int = 32,
+                        calib: Optional[str | Path] = None, nsamples: int = 64,
                         seqlen: int = 512, batch_size: int = 8, progress: bool = True,
+                        damp: float = 0.01,
                         fallback: Optional[Callable[[torch.Tensor], Int4Weight]] = None,
                         ) -> dict[str, Int4Weight]:
     """GPTQ every ``targets`` weight (checkpoint names ``<module>.weight``) of the decoder layers
@@ -178,7 +179,7 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
             group, hess = _next_group_hessian(layer, remaining, hidden, kwargs)
             if not group:  # nothing left is reached by the calibration inputs
                 break
-            prepared = prepare_hessian(hess, act_order)  # one factorisation for q/k/v
+            prepared = prepare_hessian(hess, act_order, damp)  # one factorisation for q/k/v
             for name in group:
                 mod = remaining.pop(name)
                 w = quantize_gptq(mod.weight.data, prepared, group_size, zero_kind,

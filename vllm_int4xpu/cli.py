@@ -30,6 +30,7 @@ def _quantize(args: argparse.Namespace) -> int:
                          skip=["lm_head", *[m for m in args.skip if m != "lm_head"]],
                          progress=not args.quiet, method=args.method, act_order=args.act_order,
                          calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                         damp=args.damp,
                          revision=args.revision)
     print(f"wrote int4xpu checkpoint ({args.method}, group {args.group_size}, zero point {zero}) "
           f"to {out}")
@@ -83,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None, metavar="FILE",
                    help="gptq: calibration text (UTF-8; documents separated by '=====' lines); "
                         "default: the built-in sample")
-    q.add_argument("--nsamples", type=int, default=32,
-                   help="gptq: most calibration windows to use (default 32; the built-in sample "
-                        "has about 57 of 512 tokens)")
+    q.add_argument("--nsamples", type=int, default=64,
+                   help="gptq: most calibration windows to use (default 64: all 57 windows of 512 "
+                        "tokens the built-in sample has)")
+    q.add_argument("--damp", type=float, default=0.01,
+                   help="gptq: added to the Hessian's diagonal, as a fraction of its mean "
+                        "(default 0.01)")
     q.add_argument("--seqlen", type=int, default=512,
                    help="gptq: tokens per calibration window (default 512)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

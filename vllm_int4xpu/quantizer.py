@@ -99,8 +99,8 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                    zero_point: str = "int", skip: Iterable[str] = DEFAULT_SKIP,
                    scale_dtype: Optional[torch.dtype] = None, progress: bool = True,
                    method: str = "rtn", act_order: bool = False,
-                   calib: Optional[str | os.PathLike] = None, nsamples: int = 32,
-                   seqlen: int = 512, revision: Optional[str] = None) -> Path:
+                   calib: Optional[str | os.PathLike] = None, nsamples: int = 64,
+                   seqlen: int = 512, revision: Optional[str] = None, damp: float = 0.01) -> Path:
     """Write the native int4xpu checkpoint of ``src_dir`` (a directory or a Hugging Face model
     id, at ``revision``) to ``out_dir``; returns ``out_dir``.
 
@@ -147,7 +147,7 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
 
         precomputed = gptq_quantize_model(src, targets, group_size, zero_kind, scale_dtype,
                                           act_order=act_order, calib=calib, nsamples=nsamples,
-                                          seqlen=seqlen, progress=progress)
+                                          seqlen=seqlen, damp=damp, progress=progress)
         rest = sorted(targets - set(precomputed))
         if rest:
             logger.info("GPTQ: %d weights are not nn.Linear inputs of the decoder layers in "
