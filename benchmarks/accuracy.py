@@ -1,12 +1,13 @@
 """Accuracy of int4 checkpoints through real vLLM: perplexity and top-1 agreement with the bf16 model.
 
-The full table (SmolLM2-135M-Instruct; its bf16 directory is made by
-``python examples/smollm2_model.py /work/e2e-models/smollm2-bf16``, see the README):
+The table in BENCHMARKS.md (SmolLM2-135M-Instruct; its bf16 directory is made by
+``python examples/smollm2_model.py /work/e2e-models/smollm2-bf16``, see the README; producer
+checkpoints by ``benchmarks/producers/*.py``):
 
-    .venv/bin/python benchmarks/accuracy.py --model /work/e2e-models/smollm2-bf16 \\
-        --text benchmarks/data/eval_text.txt --methods rtn,hqq,gptq --zero-points int,float \\
-        --groups 32 64 128 --producer autoround-g64=/work/accuracy-models/autoround-asym-g64 \\
-        --dtype float32 --window 512 --out benchmarks/results/accuracy_smollm2_cpu
+    .venv/bin/python benchmarks/accuracy.py --methods rtn,hqq,gptq-ao --zero-points int,float \\
+        --groups 32 64 --producer hqq-0.2.8-g64=/work/accuracy-models/hqq-g64 \\
+        --producer autoround-g32=/work/accuracy-models/autoround-asym-g32 ... \\
+        --out benchmarks/results/accuracy_smollm2_cpu
 
 What it does:
 
