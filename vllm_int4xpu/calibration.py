@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -126,9 +126,7 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
                         scale_dtype: torch.dtype, act_order: bool = False,
                         calib: Optional[str | Path] = None, nsamples: int = 64,
                         seqlen: int = 512, batch_size: int = 8, progress: bool = True,
-                        damp: float = 0.01,
-                        fallback: Optional[Callable[[torch.Tensor], Int4Weight]] = None,
-                        ) -> dict[str, Int4Weight]:
+                        damp: float = 0.01) -> dict[str, Int4Weight]:
     """GPTQ every ``targets`` weight (checkpoint names ``<module>.weight``) of the decoder layers
     of the model in ``src``; returns name -> Int4Weight. Targets that no calibration input
     reaches (outside the decoder layers, or not ``nn.Linear`` in memory, e.g. transformers'
@@ -172,9 +170,8 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
     for i in range(num_layers):
         layer = layers[i].float()
         prefix = f"{layers_name}.{i}."
-        linears = {f"{prefix}{n}.weight": m for n, m in layer.named_modules()
-                   if isinstance(m, torch.nn.Linear) and f"{prefix}{n}.weight" in targets}
-        remaining = dict(linears)
+        remaining = {f"{prefix}{n}.weight": m for n, m in layer.named_modules()
+                     if isinstance(m, torch.nn.Linear) and f"{prefix}{n}.weight" in targets}
         while remaining:
             group, hess = _next_group_hessian(layer, remaining, hidden, kwargs)
             if not group:  # nothing left is reached by the calibration inputs

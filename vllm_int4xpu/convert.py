@@ -205,7 +205,7 @@ def convert_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 quantized.append(name)
             else:
                 for key, t in sd.items():
-                    if torch.is_tensor(t) and f".{key}" not in meta and t is not None:
+                    if torch.is_tensor(t) and f".{key}" not in meta:
                         writer.add(f"{name}.{key}" if name else key, t)
         if not quantized:
             raise Int4FormatError("no quantized layer (W_q) found", file=file,

@@ -254,9 +254,8 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian,
     ``g_idx``."""
     N, K, g = check_quantizable(weight, group_size)
     kind = ZeroKind(zero_kind)
-    if torch.is_tensor(hessian) and hessian.shape != (K, K) or (
-            not torch.is_tensor(hessian) and hessian.U.shape != (K, K)):
-        found = hessian.shape if torch.is_tensor(hessian) else hessian.U.shape
+    found = hessian.shape if torch.is_tensor(hessian) else hessian.U.shape
+    if tuple(found) != (K, K):
         raise Int4FormatError("Hessian does not match the weight", tensor="hessian",
                               expected=[K, K], found=list(found))
     prep = prepare_hessian(hessian, act_order, damp) if torch.is_tensor(hessian) else hessian
