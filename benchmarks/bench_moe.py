@@ -194,14 +194,21 @@ def rel(y, ref):
 # --sweep: launch rows tried for ours on each benchmark row (the dispatcher's own row first); the
 # fastest is reported with its config, and MOE_CONFIGS holds the winners.
 SWEEP = {
-    "gemv": [dict(BLOCK_N_13=64, warps_13=2, BLOCK_N_2=64, SPLIT_K=4, warps_2=2),
-             dict(BLOCK_N_13=32, warps_13=1, BLOCK_N_2=64, SPLIT_K=8, warps_2=2),
-             dict(BLOCK_N_13=128, warps_13=4, BLOCK_N_2=128, SPLIT_K=8, warps_2=4),
-             dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2),
-             dict(BLOCK_N_13=64, warps_13=2, BLOCK_N_2=64, SPLIT_K=4, warps_2=2, SORTED=True),
-             dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=8, warps_2=1),
-             dict(BLOCK_N_13=32, BLOCK_K_13=128, warps_13=1, BLOCK_N_2=64, BLOCK_K_2=128,
-                  SPLIT_K=8, warps_2=1)],
+    # gemv: each launch shape with K tiles of one group (128), two and four groups
+    "gemv": [dict(c, BLOCK_K_13=bk, BLOCK_K_2=bk) for bk in (128, 256, 512) for c in (
+        dict(BLOCK_N_13=64, warps_13=2, BLOCK_N_2=64, SPLIT_K=4, warps_2=2),
+        dict(BLOCK_N_13=32, warps_13=1, BLOCK_N_2=64, SPLIT_K=8, warps_2=2),
+        dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2),
+        dict(BLOCK_N_13=32, warps_13=2, BLOCK_N_2=32, SPLIT_K=2, warps_2=1),
+        dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=8, warps_2=1),
+        dict(BLOCK_N_13=32, warps_13=4, BLOCK_N_2=64, SPLIT_K=3, warps_2=4),
+        dict(BLOCK_N_13=128, warps_13=4, BLOCK_N_2=128, SPLIT_K=8, warps_2=4),
+        dict(BLOCK_N_13=16, warps_13=2, BLOCK_N_2=32, SPLIT_K=8, warps_2=1),
+        dict(BLOCK_N_13=8, warps_13=1, BLOCK_N_2=16, SPLIT_K=8, warps_2=1),
+        dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=16, warps_2=1),
+        dict(BLOCK_N_13=32, warps_13=2, BLOCK_N_2=64, SPLIT_K=3, warps_2=2),
+        dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=8, warps_2=1, SORTED=True),
+        dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2, SORTED=True))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
@@ -215,7 +222,11 @@ SWEEP = {
             dict(BLOCK_M=64, BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128,
                  BLOCK_K_2=128, SPLIT_K=1, warps_2=8, stages=3),
             dict(BLOCK_M=32, BLOCK_N_13=128, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128,
-                 BLOCK_K_2=128, SPLIT_K=1, warps_2=4, stages=3)],
+                 BLOCK_K_2=128, SPLIT_K=1, warps_2=4, stages=3),
+            dict(BLOCK_M=128, BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128,
+                 BLOCK_K_2=128, SPLIT_K=1, warps_2=8, stages=3),
+            dict(BLOCK_M=64, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128,
+                 BLOCK_K_2=64, SPLIT_K=1, warps_2=4, stages=4)],
 }
 
 
@@ -371,10 +382,12 @@ def main():
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_moe_h200.json").write_text(json.dumps(
+        tag = next((t for t in ("h200", "h100", "a100", "l40") if t in
+                    torch.cuda.get_device_name().lower()), "gpu")
+        (out / f"bench_moe_{tag}.json").write_text(json.dumps(
             dict(device=torch.cuda.get_device_name(), copy_bw=bw, peak_flops=peak,
                  dtype=args.dtype, rows=rows), indent=1))
-        (out / "bench_moe_h200.md").write_text(md + "\n")
+        (out / f"bench_moe_{tag}.md").write_text(md + "\n")
     print(md)
 
 

@@ -111,6 +111,22 @@ def test_paths_match_oracle(path, zero_kind, group, dtype, top_k, act_order):
 
 
 @interpreted
+@pytest.mark.parametrize("zero_kind,block_k,act_order", [(ZeroKind.FLOAT, 64, False),
+                                                         (ZeroKind.INT, 128, True),
+                                                         (ZeroKind.NONE, 128, False)])
+def test_gemv_tiles_of_several_groups(zero_kind, block_k, act_order):
+    """GEMV K tiles spanning 2 or 4 groups of 32 (each group's sums meet its own scale and
+    offset); gate_up's K = 192 and down's K = 128 are whole tiles, down split in 2."""
+    E, H, I, M = 6, 192, 128, 4
+    w13, w2, kern, t = make_layer(E, H, I, 32, zero_kind, torch.float16, act_order, seed=block_k)
+    tw, ids = routing(M, E, 2, seed=5, experts=[0, 2, 3, 5])
+    x = torch.randn(M, H, dtype=torch.float16)
+    cfg = dict(GEMV, BLOCK_K_13=block_k // 2 if block_k == 128 else block_k, BLOCK_K_2=block_k)
+    assert rel(kern.apply(t, x, tw, ids, config=cfg), reference_moe(x, w13, w2, tw, ids)) \
+        < TOL[torch.float16]
+
+
+@interpreted
 @pytest.mark.parametrize("path", ["gemv", "dot"])
 def test_group_128_gelu_sorted(path):
     """Group 128, gelu, GEMV walking the pairs in expert order (SORTED), dot with BLOCK_M 32 and

@@ -35,17 +35,19 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 
 # Tuned launch rows (data): keyed by the largest pairs-per-expert (M * top_k / E) they serve.
 # "gemv" rows: one pair per program on CUDA cores; "dot" rows: BLOCK_M sorted pairs per program
-# on tensor cores. ``*_13`` / ``*_2`` are the gate_up / down GEMM; SPLIT_K applies to down only.
-# Rows: the fastest of the candidates timed on an H200 (benchmarks/bench_moe.py --sweep, fp16,
-# group 128, Qwen3-30B-A3B and Mixtral-8x7B shapes; benchmarks/results/bench_moe_h200.json).
+# on tensor cores. ``*_13`` / ``*_2`` are the gate_up / down GEMM; SPLIT_K applies to down only;
+# a gemv BLOCK_K above the group size makes K tiles of several whole groups where K allows.
+# Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
+# Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
+# (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_h200.json).
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3)
 MOE_CONFIGS = {
     "cuda": [
-        (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4,
-                     BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4, warps_2=4)),
-        (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=64, BLOCK_K_13=256, warps_13=1,
-                   BLOCK_N_2=128, BLOCK_K_2=256, SPLIT_K=4, warps_2=2)),
+        (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=32, BLOCK_K_13=512, warps_13=4,
+                     BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=3, warps_2=4)),
+        (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1,
+                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
         (384.0, dict(_DOT, BLOCK_M=64)),

@@ -16,7 +16,9 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   in expert order instead, so programs on the same expert run together and share its weight
   through L2). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
   (``common.nibble_pair_as_float``), so a weight costs ~half a shift, one LOP3 and one FMA; the
-  group's scale and offset are applied once per K tile.
+  group's scale and offset are applied once per K tile. A K tile may hold several whole groups
+  (:func:`_gemv_multi_group`: power-of-two groups, K a multiple of the tile), which keeps more
+  weight words in flight per thread than one group of 128 does.
 * **dot** (:func:`moe_dot_kernel`, prefill): tokens sorted by expert into blocks of BLOCK_M
   (:func:`sort_pairs`, padded, fixed sizes), one program per (N tile, block, K split), the weight
   tile dequantized in registers and multiplied on tensor cores with the linear GEMM's tile
@@ -26,7 +28,7 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
 Weights are the canonical layout stacked per expert (qweight [E, N, K/8], scales/zeros [E, G, N]);
 act-order weights were permuted per expert at load so groups are contiguous, and both kernels
 read A's columns through ``perm[e]`` (x's channels for gate_up, h's for down). A K tile never
-straddles two groups (the launcher clips BLOCK_K). Intel's Triton backend runs the same code (no
+straddles a group boundary (the launcher clips BLOCK_K, or makes it a whole number of groups). Intel's Triton backend runs the same code (no
 inline PTX except behind FRAG 2's USE_ASM, which the launcher enables on CUDA only).
 """
 
@@ -69,9 +71,10 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, ord
                     one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                     SORTED: tl.constexpr, ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
                     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr):
+                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
-    N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum."""
+    N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum. A K tile spans GPT
+    whole groups (GPT > 1 only for power-of-two groups and K a multiple of BLOCK_K)."""
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -95,6 +98,11 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, ord
     k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if GPT > 1:
+        acc, acc_u = _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi,
+                                       offs_n, n_mask, N, NS, stride_qn, one_bits, GATED,
+                                       ZERO_KIND, HAS_PERM, BLOCK_N, BLOCK_K, GPT, GROUP_SHIFT)
+        k_hi = k_lo  # done: skip the one-group loop below
     for k0 in range(k_lo, k_hi, BLOCK_K):
         wk = k0 // 8 + offs_w
         wmask = n_mask[:, None] & ((wk < K // 8) | EVEN_K)[None, :]
@@ -136,6 +144,55 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, ord
     else:
         wt = tl.load(topw_ptr + pair)
         tl.store(out_ptr + (pid_k * P + pair).to(tl.int64) * N + offs_n, acc * wt, mask=n_mask)
+
+
+@triton.jit
+def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, offs_n, n_mask,
+                      N, NS, stride_qn, one_bits, GATED: tl.constexpr, ZERO_KIND: tl.constexpr,
+                      HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GPT: tl.constexpr, GROUP_SHIFT: tl.constexpr):
+    """:func:`moe_gemv_kernel`'s K loop with tiles of GPT groups: the weight words are held as
+    [BLOCK_N, GPT, words per group] so each group's partial sums reduce on their own axis and
+    meet their scale and offset once per tile (more words in flight per thread than one-group
+    tiles of small groups allow). K is a multiple of BLOCK_K (no masks along K)."""
+    SW: tl.constexpr = BLOCK_K // 8 // GPT  # words per group
+    offs_g = tl.arange(0, GPT)
+    offs_s = tl.arange(0, SW)
+    wofs = offs_g[:, None] * SW + offs_s[None, :]  # [GPT, SW] word offsets in the tile
+    nm3 = n_mask[:, None, None]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        wk = k0 // 8 + wofs
+        words = tl.load(w_rows[:, :, None] + wk[None, :, :], mask=nm3, other=0)
+        if GATED:
+            words_u = tl.load(w_rows[:, :, None] + N * stride_qn + wk[None, :, :], mask=nm3,
+                              other=0)
+        t = tl.zeros([BLOCK_N, GPT, SW], dtype=tl.float32)
+        t_u = tl.zeros([BLOCK_N, GPT, SW], dtype=tl.float32)
+        x_scaled = tl.zeros([GPT, SW], dtype=tl.float32)
+        x_plain = tl.zeros([GPT, SW], dtype=tl.float32)
+        for p in tl.static_range(4):
+            x_lo, x_hi = _x_planes(a_row, perm_e, k0 + 8 * wofs + 2 * p, k_hi, HAS_PERM, True)
+            x_lo256 = x_lo * 256.0
+            x_hi16 = x_hi * 16.0
+            hi, lo = nibble_pair_as_float(words, p, one_bits)
+            t += hi * x_hi16[None, :, :]
+            t += lo * x_lo256[None, :, :]
+            if GATED:
+                hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
+                t_u += hi_u * x_hi16[None, :, :]
+                t_u += lo_u * x_lo256[None, :, :]
+            x_scaled += x_hi16 + x_lo256
+            x_plain += x_hi + x_lo
+        xs = tl.sum(x_scaled, 1)[None, :]  # [1, GPT]
+        xp = tl.sum(x_plain, 1)[None, :]
+        g = ((k0 >> GROUP_SHIFT) + offs_g)[None, :]
+        s, b = group_scale_offset(s_e, z_e, g, offs_n[:, None], n_mask[:, None], NS, ZERO_KIND)
+        acc += tl.sum(s * (tl.sum(t, 2) - xs) + b * xp, 1)
+        if GATED:
+            s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n[:, None] + N, n_mask[:, None], NS,
+                                          ZERO_KIND)
+            acc_u += tl.sum(s_u * (tl.sum(t_u, 2) - xs) + b_u * xp, 1)
+    return acc, acc_u
 
 
 @triton.jit
@@ -280,6 +337,13 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     P = topk_ids.numel()
     split = 1 if gated else SPLIT_K
     bk = _block_k(BLOCK_K, group, K)
+    gpt = 1
+    if path == "gemv" and group < K and BLOCK_K > group and group & (group - 1) == 0:
+        # tiles of several groups, only where every tile is whole (K % tile == 0; K splits
+        # start on tile boundaries)
+        t = triton.next_power_of_2(BLOCK_K)
+        if K % t == 0 and t // group <= 16:
+            bk, gpt = t, t // group
     has_perm = perm.numel() > 0
     pm = perm if has_perm else qweight
     common = dict(A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
@@ -293,7 +357,8 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         order = sorting if SORTED else ids
         grid = (triton.cdiv(N, BLOCK_N), P, split)
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, ids, order, topk_weights, P, N,
-                              K, group, *strides, ONE_BITS, SORTED=bool(SORTED), **common)
+                              K, group, *strides, ONE_BITS, SORTED=bool(SORTED), GPT=gpt,
+                              **common)
         return out
     sorted_ids, block_expert, npad = sorting
     frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
