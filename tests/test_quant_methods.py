@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from ckpt_utils import native_weights
 from vllm_int4xpu.errors import Int4FormatError
-from vllm_int4xpu.quant_methods import (minmax_params, prepare_hessian, quantize_gptq,
-                                        quantize_hqq, reconstruction_error, search_params)
+from vllm_int4xpu.quant_methods import (asymmetric_target, minmax_params, prepare_hessian,
+                                        quantize_gptq, quantize_hqq, reconstruction_error,
+                                        search_params)
 from vllm_int4xpu.weight import ZeroKind, dequantize, quantize_rtn, unpack_int4
 
 GROUPS = [16, 32, 64, 128, -1]
@@ -92,6 +93,26 @@ def test_gptq_act_order_writes_even_groups_and_helps(kind, g):
     assert int(w.g_idx[int(torch.argmax(torch.diag(H)))]) == 0
     err = reconstruction_error(W, dequantize(w), X)
     assert err < 0.8 * reconstruction_error(W, dequantize(quantize_rtn(W, g, kind)), X)
+
+
+def test_asymmetric_target_is_the_least_squares_weight_for_float_outputs():
+    """W* minimises ‖x W*ᵀ − x_fp Wᵀ‖² (float64 lstsq oracle, no damping); it is W itself where
+    the quantized model's inputs equal the float model's; GPTQ towards it lowers that
+    asymmetric error below plain GPTQ's, for both zero kinds."""
+    W, Xf = _layer(seed=9)
+    X = Xf + 0.05 * torch.randn(Xf.shape, generator=torch.Generator().manual_seed(1))
+    H, C = X.double().t() @ X.double(), Xf.double().t() @ X.double()
+    assert torch.equal(asymmetric_target(W, H, H), W)
+    oracle = torch.linalg.lstsq(X.double(), Xf.double() @ W.double().t()).solution.t()
+    assert torch.allclose(asymmetric_target(W, H, C, damp=0.0).double(), oracle, rtol=1e-4,
+                          atol=1e-5 * float(W.abs().max()))
+    ref = Xf.double() @ W.double().t()
+
+    def err(w):
+        return float(((X.double() @ dequantize(w, torch.float64).t() - ref) ** 2).sum())
+    for kind in ("int", "float"):
+        assert err(quantize_gptq(asymmetric_target(W, H, C), H, 64, kind)) \
+            < err(quantize_gptq(W, H, 64, kind))
 
 
 def test_gptq_zeroes_dead_inputs_and_shares_a_prepared_hessian():

@@ -6,8 +6,12 @@ float32, run on the calibration activations with hooks that accumulate every lin
 quantized weights to produce the next layer's inputs; then its weights are dropped. Linears that
 read the same input (q/k/v, gate/up) are quantized together, each such set after the ones that
 run before it in the layer ("true sequential"), so every Hessian sees the quantized outputs of
-what comes earlier. Peak memory: the model in its dtype + one layer in float32 + the
-activations (samples × seqlen × hidden, float32).
+what comes earlier. Beside these quantized-model activations a second stream runs the float
+model on the same windows, and each linear is quantized towards the output the float model gives
+on its own inputs (:func:`quant_methods.asymmetric_target`), so every layer also absorbs the error
+that the layers before it left in its inputs. Peak memory: the model in its dtype + one layer in
+float32 (twice: quantized and float copies) + both activation streams (2 × samples × seqlen ×
+hidden, float32).
 
 Calibration text: ``--calib FILE`` or the package's own sample (``data/calibration.txt``, written
 for this project: prose, dialogue, code, math, tables; nothing is downloaded). Documents are
@@ -17,6 +21,7 @@ separated by a line ``=====``; they are tokenized, joined with the EOS token and
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Optional
@@ -24,7 +29,8 @@ from typing import Optional
 import torch
 
 from .errors import Int4FormatError
-from .quant_methods import prepare_hessian, quantize_gptq
+from .quant_methods import (asymmetric_correction, asymmetric_target, prepare_hessian,
+                            quantize_gptq)
 from .weight import Int4Weight, ZeroKind, dequantize
 
 logger = logging.getLogger("vllm_int4xpu.quantize")
@@ -126,11 +132,17 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
                         scale_dtype: torch.dtype, act_order: bool = False,
                         calib: Optional[str | Path] = None, nsamples: int = 64,
                         seqlen: int = 512, batch_size: int = 8, progress: bool = True,
-                        damp: float = 0.01) -> dict[str, Int4Weight]:
+                        damp: float = 0.01, asymmetric: bool = True) -> dict[str, Int4Weight]:
     """GPTQ every ``targets`` weight (checkpoint names ``<module>.weight``) of the decoder layers
     of the model in ``src``; returns name -> Int4Weight. Targets that no calibration input
     reaches (outside the decoder layers, or not ``nn.Linear`` in memory, e.g. transformers'
-    fused MoE experts) are left to the caller."""
+    fused MoE experts) are left to the caller.
+
+    ``asymmetric``: each linear is quantized towards the output its float model gives on the
+    float model's own inputs (not on the quantized model's inputs): a second, unquantized stream
+    of activations runs beside the quantized one, and GPTQ gets the target weight
+    W* = W C H⁻¹ with C = Σ x_floatᵀ x_quant (:func:`quant_methods.asymmetric_target`), so the
+    error that earlier layers left in this layer's inputs is compensated too."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -166,38 +178,71 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
                 calib or "built-in sample")
 
     results: dict[str, Int4Weight] = {}
+    hidden_fp = list(hidden) if asymmetric else None  # the float model's own activations
     bar = tqdm(total=num_layers, desc="GPTQ", unit="layer", disable=not progress)
     for i in range(num_layers):
         layer = layers[i].float()
+        fp_layer = copy.deepcopy(layer) if asymmetric else None
         prefix = f"{layers_name}.{i}."
         remaining = {f"{prefix}{n}.weight": m for n, m in layer.named_modules()
                      if isinstance(m, torch.nn.Linear) and f"{prefix}{n}.weight" in targets}
+        fp_inputs = None
+        if asymmetric:  # one float forward per batch: the inputs of every target, the outputs
+            fp_inputs, hidden_fp = _float_inputs(fp_layer, prefix, remaining, hidden_fp, kwargs)
         while remaining:
-            group, hess = _next_group_hessian(layer, remaining, hidden, kwargs)
+            group, hess, cross = _next_group_hessian(layer, remaining, hidden, kwargs, fp_inputs)
             if not group:  # nothing left is reached by the calibration inputs
                 break
             prepared = prepare_hessian(hess, act_order, damp)  # one factorisation for q/k/v
+            correction = None if cross is None else asymmetric_correction(hess, cross, damp)
             for name in group:
                 mod = remaining.pop(name)
-                w = quantize_gptq(mod.weight.data, prepared, group_size, zero_kind,
+                target = mod.weight.data
+                if correction is not None:
+                    target = asymmetric_target(target, hess, cross, correction=correction)
+                w = quantize_gptq(target, prepared, group_size, zero_kind,
                                   scale_dtype=scale_dtype)
                 mod.weight.data = dequantize(w, torch.float32)
                 results[name] = w
         with torch.no_grad():
             hidden = [_layer_out(layer(h, **kwargs)) for h in hidden]
         layers[i] = layer.to("meta")  # done with this layer's weights
+        del fp_layer, fp_inputs
         bar.update(1)
     bar.close()
     return results
 
 
-def _next_group_hessian(layer, linears: dict[str, torch.nn.Module], hidden, kwargs
-                        ) -> tuple[list[str], Optional[torch.Tensor]]:
+def _float_inputs(fp_layer, prefix: str, targets: dict, hidden_fp, kwargs):
+    """Run the float layer once on every batch of its own inputs: (name -> per-batch input of
+    each target linear, as the float model computes it; the layer's outputs, the next layer's
+    float inputs). Linears that share an input share the stored tensor."""
+    captured: dict[str, list] = {name: [] for name in targets}
+    handles = []
+    for n, m in fp_layer.named_modules():
+        name = f"{prefix}{n}.weight"
+        if name in captured:
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: captured[name].append(args[0])))
+    try:
+        with torch.no_grad():
+            outputs = [_layer_out(fp_layer(h, **kwargs)) for h in hidden_fp]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, outputs
+
+
+def _next_group_hessian(layer, linears: dict[str, torch.nn.Module], hidden, kwargs,
+                        fp_inputs: Optional[dict] = None
+                        ) -> tuple[list[str], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The first-called of ``linears`` and those reading the same input tensor (q/k/v,
-    gate/up), with the Hessian of that input (float64) over every batch. The forward of each batch stops
-    as soon as that group has been called, and the shared input's xᵀx is computed once."""
+    gate/up), with the Hessian H = Σ xᵀx of that input (float64) over every batch. The forward of
+    each batch stops as soon as that group has been called, and the shared input's xᵀx is
+    computed once. With ``fp_inputs`` (:func:`_float_inputs`), also C = Σ x_fpᵀ x (else None);
+    the group's float inputs are dropped from it once used."""
     group: list[str] = []
-    acc: dict = {"h": None}
+    acc: dict = {"h": None, "c": None}
     first_batch = True
     seen: set[str] = set()
     shared: dict = {"x": None}
@@ -224,7 +269,7 @@ def _next_group_hessian(layer, linears: dict[str, torch.nn.Module], hidden, kwar
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         with torch.no_grad():
-            for h in hidden:
+            for b, h in enumerate(hidden):
                 seen.clear()
                 shared["x"] = None
                 try:
@@ -232,7 +277,16 @@ def _next_group_hessian(layer, linears: dict[str, torch.nn.Module], hidden, kwar
                 except _StopForward:
                     pass
                 first_batch = False
+                if fp_inputs is not None and group:
+                    # the same group's input in the float model, for the same tokens
+                    x = shared["x"].reshape(-1, shared["x"].shape[-1]).to(torch.float32)
+                    xf = fp_inputs[group[0]][b].reshape(-1, x.shape[-1]).to(torch.float32)
+                    c = (xf.t() @ x).to(torch.float64)
+                    acc["c"] = c if acc["c"] is None else acc["c"] + c
     finally:
         for handle in handles:
             handle.remove()
-    return group, acc["h"]
+    if fp_inputs is not None:
+        for name in group:
+            fp_inputs.pop(name, None)
+    return group, acc["h"], acc["c"]
