@@ -215,13 +215,43 @@ def test_quantize_method_gptq_beats_rtn_on_the_calibration_activations(tiny_dir,
     assert not worse, worse
 
 
+@pytest.mark.parametrize("zero", ["int", "float"])
+def test_asymmetric_gptq_tracks_the_float_model_closer_than_classic(tiny_dir, tmp_path, zero):
+    """The whole tiny model's last hidden states on the calibration windows, against the float
+    model's (float64 error): GPTQ with asymmetric calibration (the default) ends closer to the
+    float model than --classic-gptq, which only looks at each layer's own rounding."""
+    from vllm_int4xpu.calibration import calibration_documents, calibration_windows
+    from vllm_int4xpu.quantizer import quantize_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    outs = {c: quantize_model(tiny_dir, tmp_path / f"c{c}", group_size=32, zero_point=zero,
+                              method="gptq", seqlen=64, nsamples=16, classic_gptq=c,
+                              progress=False) for c in (False, True)}
+    windows = calibration_windows(AutoTokenizer.from_pretrained(tiny_dir), calibration_documents(),
+                                  64, 16)
+
+    def last_hidden(weights=None):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        for n, m in model.named_modules():
+            if weights is not None and n in weights:
+                m.weight.data = dequantize(weights[n], torch.float32)
+        with torch.no_grad():
+            return model(input_ids=windows, output_hidden_states=True).hidden_states[-1].double()
+
+    ref = last_hidden()
+    err = {c: float((last_hidden(native_weights(o)[1]) - ref).norm() / ref.norm())
+           for c, o in outs.items()}
+    assert err[False] < err[True], err
+
+
 def test_quantize_refusals_leave_no_output(tiny_dir, tmp_path):
     from vllm_int4xpu.quantizer import quantize_model
 
     out = tmp_path / "o"
     cases = [({"method": "awq"}, "unknown quantization method"),
              ({"method": "hqq", "zero_point": "int"}, "hqq optimises float zero points"),
-             ({"method": "rtn", "act_order": True}, "apply to method gptq only")]
+             ({"method": "rtn", "act_order": True}, "apply to method gptq only"),
+             ({"method": "rtn", "classic_gptq": True}, "apply to method gptq only")]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n=====\n\n")
     short = tmp_path / "short.txt"

@@ -130,7 +130,7 @@ def _layer_out(out):
 
 def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind: ZeroKind,
                         scale_dtype: torch.dtype, act_order: bool = False,
-                        calib: Optional[str | Path] = None, nsamples: int = 64,
+                        calib: Optional[str | Path] = None, nsamples: int = 32,
                         seqlen: int = 512, batch_size: int = 8, progress: bool = True,
                         damp: float = 0.01, asymmetric: bool = True) -> dict[str, Int4Weight]:
     """GPTQ every ``targets`` weight (checkpoint names ``<module>.weight``) of the decoder layers

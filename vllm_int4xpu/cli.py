@@ -30,7 +30,7 @@ def _quantize(args: argparse.Namespace) -> int:
                          skip=["lm_head", *[m for m in args.skip if m != "lm_head"]],
                          progress=not args.quiet, method=args.method, act_order=args.act_order,
                          calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                         damp=args.damp,
+                         damp=args.damp, classic_gptq=args.classic_gptq,
                          revision=args.revision)
     print(f"wrote int4xpu checkpoint ({args.method}, group {args.group_size}, zero point {zero}) "
           f"to {out}")
@@ -84,14 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None, metavar="FILE",
                    help="gptq: calibration text (UTF-8; documents separated by '=====' lines); "
                         "default: the built-in sample")
-    q.add_argument("--nsamples", type=int, default=64,
-                   help="gptq: most calibration windows to use (default 64: all 57 windows of 512 "
-                        "tokens the built-in sample has)")
+    q.add_argument("--nsamples", type=int, default=32,
+                   help="gptq: most calibration windows to use, evenly spread over the text "
+                        "(default 32; the built-in sample has 57 windows of 512 tokens)")
     q.add_argument("--damp", type=float, default=0.01,
                    help="gptq: added to the Hessian's diagonal, as a fraction of its mean "
                         "(default 0.01)")
     q.add_argument("--seqlen", type=int, default=512,
                    help="gptq: tokens per calibration window (default 512)")
+    q.add_argument("--classic-gptq", action="store_true",
+                   help="gptq: quantize each linear towards its own output on the quantized "
+                        "model's inputs, as GPTQ did originally (default: towards the float "
+                        "model's output on the float model's inputs, which also compensates the "
+                        "error of earlier layers, at the cost of a second forward stream)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_quantize)
 

@@ -99,19 +99,20 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
                    zero_point: str = "int", skip: Iterable[str] = DEFAULT_SKIP,
                    scale_dtype: Optional[torch.dtype] = None, progress: bool = True,
                    method: str = "rtn", act_order: bool = False,
-                   calib: Optional[str | os.PathLike] = None, nsamples: int = 64,
-                   seqlen: int = 512, revision: Optional[str] = None, damp: float = 0.01) -> Path:
+                   calib: Optional[str | os.PathLike] = None, nsamples: int = 32,
+                   seqlen: int = 512, revision: Optional[str] = None, damp: float = 0.01,
+                   classic_gptq: bool = False) -> Path:
     """Write the native int4xpu checkpoint of ``src_dir`` (a directory or a Hugging Face model
     id, at ``revision``) to ``out_dir``; returns ``out_dir``.
 
     ``zero_point``: "int" (asymmetric integer zero points), "float" (float zero points) or
     "none" (symmetric). ``group_size`` -1 is per-channel. ``method``: "rtn", "hqq" (float zero
     points only) or "gptq" (with ``calib`` text, ``nsamples`` windows of ``seqlen`` tokens,
-    ``act_order``).
+    ``act_order``; ``classic_gptq`` turns its asymmetric calibration off).
     """
     from tqdm.auto import tqdm
 
-    zero_kind = _check_method(method, zero_point, act_order, calib)
+    zero_kind = _check_method(method, zero_point, act_order or classic_gptq, calib)
     out = Path(out_dir).resolve()
     if out.exists():  # before resolving a model id: nothing is fetched for a refused run
         raise Int4FormatError("output directory already exists; refusing to overwrite", file=str(out),
@@ -147,7 +148,8 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
 
         precomputed = gptq_quantize_model(src, targets, group_size, zero_kind, scale_dtype,
                                           act_order=act_order, calib=calib, nsamples=nsamples,
-                                          seqlen=seqlen, damp=damp, progress=progress)
+                                          seqlen=seqlen, damp=damp, progress=progress,
+                                          asymmetric=not classic_gptq)
         rest = sorted(targets - set(precomputed))
         if rest:
             logger.info("GPTQ: %d weights are not nn.Linear inputs of the decoder layers in "
@@ -194,7 +196,7 @@ def _check_method(method: str, zero_point: str, act_order: bool, calib) -> ZeroK
         raise Int4FormatError("method hqq optimises float zero points", tensor="zero_point",
                               expected="float", found=zero_kind.value)
     if method != "gptq" and (act_order or calib is not None):
-        raise Int4FormatError("--act-order and --calib apply to method gptq only",
+        raise Int4FormatError("--act-order, --calib and --classic-gptq apply to method gptq only",
                               tensor="method", expected="gptq", found=method)
     return zero_kind
 
