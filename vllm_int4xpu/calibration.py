@@ -141,8 +141,8 @@ def gptq_quantize_model(src: Path, targets: set[str], group_size: int, zero_kind
     ``asymmetric``: each linear is quantized towards the output its float model gives on the
     float model's own inputs (not on the quantized model's inputs): a second, unquantized stream
     of activations runs beside the quantized one, and GPTQ gets the target weight
-    W* = W C H⁻¹ with C = Σ x_floatᵀ x_quant (:func:`quant_methods.asymmetric_target`), so the
-    error that earlier layers left in this layer's inputs is compensated too."""
+    W* = W + W (C − H) H⁻¹ with C = Σ x_floatᵀ x_quant (:func:`quant_methods.asymmetric_target`),
+    so the error that earlier layers left in this layer's inputs is compensated too."""
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -234,17 +234,27 @@ def prepare_hessian(hessian: torch.Tensor, act_order: bool = False,
     """``damp`` adds ``damp * mean(diag H)`` to the diagonal; columns whose inputs never fire
     (H_kk = 0) get H_kk = 1 (their weights are zeroed); with ``act_order`` the columns are
     processed by decreasing H_kk."""
-    H = hessian.detach().to(torch.float64).clone()
-    K = H.shape[0]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = _live_hessian(hessian)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         H = H[perm][:, perm]
     diag = torch.diag(H).clone()
-    H += damp * diag.mean() * torch.eye(K, dtype=H.dtype)
+    _add_damping(H, damp)
     return PreparedHessian(_inverse_cholesky_upper(H).to(torch.float32), diag.to(torch.float32),
                            dead, perm)
+
+
+def _live_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 copy of H with H_kk = 1 where the input never fires (H_kk = 0), and that mask."""
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    return H, dead
+
+
+def _add_damping(H: torch.Tensor, damp: float) -> None:
+    """H += damp * mean(diag H) * I, in place."""
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
 
 
 def asymmetric_correction(hessian: torch.Tensor, cross: torch.Tensor,
@@ -252,13 +262,9 @@ def asymmetric_correction(hessian: torch.Tensor, cross: torch.Tensor,
     """M [K, K] float64 such that :func:`asymmetric_target` is W + W M, for every weight that
     reads the same input (q/k/v share one): M = (C − H) H⁻¹, H damped as
     :func:`prepare_hessian` does; rows and columns of inputs that never fire are zero."""
-    H = hessian.detach().to(torch.float64)
-    K = H.shape[0]
-    D = cross.to(torch.float64) - H  # Σ (x_fp − x)ᵀ x
-    Hd = H.clone()
-    dead = torch.diag(Hd) == 0
-    Hd[dead, dead] = 1.0
-    Hd += damp * torch.diag(Hd).mean() * torch.eye(K, dtype=H.dtype)
+    D = cross.to(torch.float64) - hessian.detach().to(torch.float64)  # Σ (x_fp − x)ᵀ x
+    Hd, dead = _live_hessian(hessian)
+    _add_damping(Hd, damp)
     M = torch.cholesky_solve(D.t(), torch.linalg.cholesky(Hd)).t()  # D Hd⁻¹ (Hd symmetric)
     M[:, dead] = 0.0
     return M

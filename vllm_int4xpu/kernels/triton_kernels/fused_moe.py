@@ -28,8 +28,9 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
 Weights are the canonical layout stacked per expert (qweight [E, N, K/8], scales/zeros [E, G, N]);
 act-order weights were permuted per expert at load so groups are contiguous, and both kernels
 read A's columns through ``perm[e]`` (x's channels for gate_up, h's for down). A K tile never
-straddles a group boundary (the launcher clips BLOCK_K, or makes it a whole number of groups). Intel's Triton backend runs the same code (no
-inline PTX except behind FRAG 2's USE_ASM, which the launcher enables on CUDA only).
+straddles a group boundary (the launcher clips BLOCK_K, or makes it a whole number of groups).
+Intel's Triton backend runs the same code (no inline PTX except behind FRAG 2's USE_ASM, which
+the launcher enables on CUDA only).
 """
 
 import torch
