@@ -209,6 +209,33 @@ SWEEP = {
         dict(BLOCK_N_13=32, warps_13=2, BLOCK_N_2=64, SPLIT_K=3, warps_2=2),
         dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=8, warps_2=1, SORTED=True),
         dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2, SORTED=True))],
+    # gemv with the down GEMM reducing in its own programs (SERIAL), and pairs of one expert
+    # sharing a program (BM pairs, moe_gemv_expert_kernel); run with --sweep-set gemv_new
+    "gemv_new": [dict(path="gemv", SERIAL=True, **c) for c in (
+        dict(BLOCK_N_13=32, BLOCK_K_13=512, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=3,
+             warps_2=4),
+        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
+             warps_2=1),
+        dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=1),
+        dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=2),
+        dict(BM=1, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
+             SPLIT_K=4, warps_2=1),
+        dict(BM=2, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
+             SPLIT_K=4, warps_2=1),
+        dict(BM=2, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256,
+             SPLIT_K=4, warps_2=2),
+        dict(BM=2, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256,
+             SPLIT_K=8, warps_2=1),
+        dict(BM=4, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
+             SPLIT_K=4, warps_2=2),
+        dict(BM=4, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256,
+             SPLIT_K=2, warps_2=4),
+        dict(BM=4, BLOCK_N_13=16, BLOCK_K_13=128, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=128,
+             SPLIT_K=8, warps_2=1),
+        dict(BM=8, BLOCK_N_13=16, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=32, BLOCK_K_2=128,
+             SPLIT_K=4, warps_2=2))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
@@ -230,12 +257,12 @@ SWEEP = {
 }
 
 
-def candidates(cfg):
-    return [dict(cfg)] + [dict(cfg, **c) for c in SWEEP[cfg["path"]]]
+def candidates(cfg, sweep_set=None):
+    return [dict(cfg)] + [dict(cfg, **c) for c in SWEEP[sweep_set or cfg["path"]]]
 
 
 def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, group=128,
-              sweep=False):
+              sweep=False, sweep_set=None):
     E, k, H, I = shp["E"], shp["k"], shp["H"], shp["I"]
     layers = [make_layer(E, H, I, dtype, group, seed=c) for c in range(copies)]
     spec = Int4MoESpec.of(*layers[0], dtype, "cuda")
@@ -278,7 +305,7 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
             return [(lambda c=c, r=r: fn(c, r)) for c in range(copies) for r in range(routings)]
 
         best = None
-        for cand in (candidates(cfg) if sweep else [None]):
+        for cand in (candidates(cfg, sweep_set) if sweep else [None]):
             def ours(c, r, cand=cand):
                 return kern.apply(ours_t[c], xs[r], *routs[r], config=cand)
             try:
@@ -361,6 +388,8 @@ def main():
     ap.add_argument("--routings", type=int, default=4)
     ap.add_argument("--sweep", action="store_true",
                     help="time the candidate launch rows (SWEEP) for ours, report the fastest")
+    ap.add_argument("--sweep-set", default=None, choices=sorted(SWEEP),
+                    help="with --sweep: this SWEEP list for every row (default: the row's path)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     anchor = load_anchor(args.anchor) if args.anchor and Path(args.anchor).exists() else None
@@ -374,7 +403,7 @@ def main():
         int4_total = shp["E"] * 3 * shp["H"] * shp["I"] // 2
         copies = max(1, -(-600_000_000 // int4_total))  # >= 600 MB of int4 experts in rotation
         rows += run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, args.routings,
-                          sweep=args.sweep)
+                          sweep=args.sweep, sweep_set=args.sweep_set)
     md = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}; copy "
           f"{bw / 1e12:.2f} TB/s, fp16 matmul {peak / 1e12:.0f} TFLOP/s (measured in this run). "
           f"Symmetric int4 group 128, {args.dtype}, uniform random routing, CUDA graphs.\n\n"

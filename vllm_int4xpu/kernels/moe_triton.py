@@ -148,15 +148,21 @@ class TritonMoEKernel(Int4MoEKernel):
         z2 = z2 if z2.numel() else s2
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
-                      num_stages=cfg.get("stages", 2))
+                      BM=cfg.get("BM", 0), num_stages=cfg.get("stages", 2))
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],
                     BLOCK_K=cfg["BLOCK_K_13"], num_warps=cfg["warps_13"], **common)
         split = cfg.get("SPLIT_K", 1)
-        ws = torch.empty((split, P, H), dtype=torch.float32, device=x.device)
-        fm.moe_gemm(h, q2, s2, z2, p2, zk, spec.group_w2, ws, ids, topw, top_k, False,
-                    BLOCK_N=cfg["BLOCK_N_2"], BLOCK_K=cfg["BLOCK_K_2"], SPLIT_K=split,
-                    num_warps=cfg["warps_2"], **common)
+        # the dot path's partials (P x H, large at prefill) in the activation dtype: half the
+        # traffic of fp32 through the reduce, as vLLM's own intermediate; fp32 for the gemv path
+        ws = torch.empty((split, P, H), dtype=x.dtype if cfg["path"] == "dot" else torch.float32,
+                         device=x.device)
         y = torch.empty((M, H), dtype=x.dtype, device=x.device)
+        serial = (cfg["path"] == "gemv" and cfg.get("SERIAL", False)
+                  and fm.serial_ok(M, H, cfg["BLOCK_N_2"]))
+        if fm.moe_gemm(h, q2, s2, z2, p2, zk, spec.group_w2, ws, ids, topw, top_k, False,
+                       BLOCK_N=cfg["BLOCK_N_2"], BLOCK_K=cfg["BLOCK_K_2"], SPLIT_K=split,
+                       num_warps=cfg["warps_2"], y=y if serial else None, **common):
+            return y  # the down GEMM's last arrivals reduced into y
         return fm.moe_reduce(ws, y, top_k)

@@ -5,7 +5,9 @@ Rows are (token, slot) *pairs* p = m * top_k + j, P = M * top_k of them; pair p 
 
 1. gate_up (``GATED``): h[p, n] = act(x[m] . W13_e[n]) * (x[m] . W13_e[I + n]), h [P, I] in the
    activation dtype, rows in pair order;
-2. down: ws[s, p, :] = topk_weights.flat[p] * (h[p] . W2_e) over K split s (fp32 [S, P, H]);
+2. down: ws[s, p, :] = topk_weights.flat[p] * (h[p] . W2_e) over K split s ([S, P, H]: fp32 on
+   the gemv path, the activation dtype on the dot path); with SERIAL (gemv), the last of a
+   token's TOP_K * S arrivals also sums them into y (:func:`_down_epilogue`) and 3. is skipped;
 3. :func:`moe_reduce_kernel`: y[m] = sum over splits and the top_k slots of m, in a fixed order
    (deterministic, no atomics).
 
@@ -37,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (ONE_BITS, group_of, group_scale_offset, group_shift, interpreting,
-                     nibble_pair_as_float)
+from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
+                     interpreting, nibble_pair_as_float, tile_counters)
 from .gemm import _frag_rows, _group_affine, _tile_dot
 
 
@@ -67,15 +69,17 @@ def _x_planes(a_row, perm_e, k, K, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr)
 
 
 @triton.jit
-def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, order_ptr, topw_ptr,
-                    P, N, K, GROUP, stride_am, stride_qe, stride_qn, stride_se, stride_pe,
-                    one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                    SORTED: tl.constexpr, ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr, ids_ptr,
+                    order_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
+                    stride_se, stride_pe, one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr,
+                    ACT: tl.constexpr, SORTED: tl.constexpr, ZERO_KIND: tl.constexpr,
+                    HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
+                    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
-    N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum. A K tile spans GPT
-    whole groups (GPT > 1 only for power-of-two groups and K a multiple of BLOCK_K)."""
+    N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
+    with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
+    for power-of-two groups and K a multiple of BLOCK_K)."""
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -144,7 +148,9 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, ids_ptr, ord
                  mask=n_mask)
     else:
         wt = tl.load(topw_ptr + pair)
-        tl.store(out_ptr + (pid_k * P + pair).to(tl.int64) * N + offs_n, acc * wt, mask=n_mask)
+        pairs = pair + tl.zeros([1], dtype=tl.int32)
+        _down_epilogue((acc * wt)[None, :], pairs, pairs >= 0, offs_n, n_mask, out_ptr, y_ptr,
+                       cnt_ptr, pid_n, pid_k, P, N, tl.num_programs(0), TOP_K, SPLIT_K, SERIAL)
 
 
 @triton.jit
@@ -194,6 +200,139 @@ def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, o
                                           ZERO_KIND)
             acc_u += tl.sum(s_u * (tl.sum(t_u, 2) - xs) + b_u * xp, 1)
     return acc, acc_u
+
+
+@triton.jit
+def _down_epilogue(res, pairs, valid, offs_n, n_mask, ws_ptr, y_ptr, cnt_ptr, pid_n, pid_k, P,
+                   N, n_tiles, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr):
+    """Down GEMM's end for rows ``pairs`` [R] (``res`` [R, BN] fp32, router weight applied):
+    store the partial to ws fp32 [SPLIT_K, P, N]; with SERIAL, also count the arrival on the
+    (token, N tile) counter, and the TOP_K * SPLIT_K-th arrival sums that token's partials in a
+    fixed order (deterministic), writes y[token] and resets the counter (no reduce launch)."""
+    mask = valid[:, None] & n_mask[None, :]
+    tl.store(ws_ptr + (pid_k * P + pairs[:, None]).to(tl.int64) * N + offs_n[None, :], res,
+             mask=mask)
+    if SERIAL:
+        tl.debug_barrier()  # every partial store of this program is issued before the release
+        tok = pairs // TOP_K
+        cnt = cnt_ptr + tok * n_tiles + pid_n
+        old = tl.atomic_add(cnt, 1, mask=valid, sem="acq_rel", scope="gpu")
+        last = valid & (old == TOP_K * SPLIT_K - 1)
+        if tl.sum(last.to(tl.int32), 0) > 0:
+            lmask = last[:, None] & n_mask[None, :]
+            tot = tl.zeros_like(res)
+            for s in tl.static_range(SPLIT_K):
+                for j in tl.static_range(TOP_K):
+                    row = (s * P + tok * TOP_K + j).to(tl.int64)
+                    tot += tl.load(ws_ptr + row[:, None] * N + offs_n[None, :], mask=lmask,
+                                   other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + tok[:, None].to(tl.int64) * N + offs_n[None, :],
+                     tot.to(y_ptr.dtype.element_ty), mask=lmask)
+            tl.atomic_xchg(cnt, 0, mask=last, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def moe_gemv_expert_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr,
+                           ids_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
+                           stride_se, stride_pe, one_bits, A_DIV: tl.constexpr,
+                           GATED: tl.constexpr, ACT: tl.constexpr, ZERO_KIND: tl.constexpr,
+                           HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
+                           TOP_K: tl.constexpr, BM: tl.constexpr, P_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
+                           GROUP_SHIFT: tl.constexpr):
+    """The gemv path with pairs of one expert sharing a program: one (N tile, expert, K split).
+    The program finds its expert's pairs itself (a scan of the P routed ids, no sort launch),
+    then takes them BM at a time: each weight tile is unpacked once and meets BM rows of A on
+    CUDA cores. Experts without pairs exit at once. Outputs as :func:`moe_gemv_kernel` (down:
+    :func:`_down_epilogue`). Tiles are whole: K % BLOCK_K == 0, and a tile is GPT >= 1 whole
+    groups or lies in one group (GPT == 1)."""
+    pid_n = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_p = tl.arange(0, P_BLOCK)
+    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)
+    hit = (ids == e).to(tl.int32)
+    n_hit = tl.sum(hit, 0)
+    if n_hit == 0:
+        return
+    rank = tl.cumsum(hit, 0) - 1
+    e64 = e.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    NS = N * 2 if GATED else N
+    w_rows = qw_ptr + e64 * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn
+    s_e = s_ptr + e64 * stride_se
+    z_e = z_ptr + e64 * stride_se
+    perm_e = perm_ptr + e64 * stride_pe
+    SW: tl.constexpr = BLOCK_K // 8 // GPT  # words per group (or per tile when GPT == 1)
+    offs_g = tl.arange(0, GPT)
+    wofs = offs_g[:, None] * SW + tl.arange(0, SW)[None, :]  # [GPT, SW] word offsets
+    nm3 = n_mask[:, None, None]
+    tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
+    for c0 in range(0, n_hit, BM):
+        offs_r = c0 + tl.arange(0, BM)
+        valid = offs_r < n_hit
+        sel = (hit[None, :] > 0) & (rank[None, :] == offs_r[:, None])
+        pairs = tl.sum(tl.where(sel, offs_p[None, :], 0), 1)  # [BM] pair ids (0 past n_hit)
+        a_rows = a_ptr + (pairs // A_DIV).to(tl.int64) * stride_am
+        am3 = valid[:, None, None]
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            wk = k0 // 8 + wofs
+            words = tl.load(w_rows[:, :, None] + wk[None, :, :], mask=nm3, other=0)
+            if GATED:
+                words_u = tl.load(w_rows[:, :, None] + N * stride_qn + wk[None, :, :],
+                                  mask=nm3, other=0)
+            t = tl.zeros([BM, BLOCK_N, GPT, SW], dtype=tl.float32)
+            t_u = tl.zeros([BM, BLOCK_N, GPT, SW], dtype=tl.float32)
+            x_scaled = tl.zeros([BM, GPT, SW], dtype=tl.float32)
+            x_plain = tl.zeros([BM, GPT, SW], dtype=tl.float32)
+            for p in tl.static_range(4):
+                kk = k0 + 8 * wofs + 2 * p
+                if HAS_PERM:
+                    src_lo = tl.load(perm_e + kk)
+                    src_hi = tl.load(perm_e + kk + 1)
+                else:
+                    src_lo = kk
+                    src_hi = kk + 1
+                x_lo = tl.load(a_rows[:, None, None] + src_lo[None, :, :], mask=am3,
+                               other=0.0).to(tl.float32)
+                x_hi = tl.load(a_rows[:, None, None] + src_hi[None, :, :], mask=am3,
+                               other=0.0).to(tl.float32)
+                x_lo256 = x_lo * 256.0
+                x_hi16 = x_hi * 16.0
+                hi, lo = nibble_pair_as_float(words, p, one_bits)
+                t += hi[None, :, :, :] * x_hi16[:, None, :, :]
+                t += lo[None, :, :, :] * x_lo256[:, None, :, :]
+                if GATED:
+                    hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
+                    t_u += hi_u[None, :, :, :] * x_hi16[:, None, :, :]
+                    t_u += lo_u[None, :, :, :] * x_lo256[:, None, :, :]
+                x_scaled += x_hi16 + x_lo256
+                x_plain += x_hi + x_lo
+            xs = tl.sum(x_scaled, 2)[:, None, :]  # [BM, 1, GPT]
+            xp = tl.sum(x_plain, 2)[:, None, :]
+            g = group_of(k0 + offs_g * (SW * 8), GROUP, GROUP_SHIFT)[None, :]
+            s, b = group_scale_offset(s_e, z_e, g, offs_n[:, None], n_mask[:, None], NS,
+                                      ZERO_KIND)
+            acc += tl.sum(s[None, :, :] * (tl.sum(t, 3) - xs) + b[None, :, :] * xp, 2)
+            if GATED:
+                s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n[:, None] + N, n_mask[:, None],
+                                              NS, ZERO_KIND)
+                acc_u += tl.sum(s_u[None, :, :] * (tl.sum(t_u, 3) - xs) + b_u[None, :, :] * xp,
+                                2)
+        if GATED:
+            h = _act(acc, ACT) * acc_u
+            tl.store(out_ptr + pairs[:, None].to(tl.int64) * N + offs_n[None, :],
+                     h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
+        else:
+            wt = tl.load(topw_ptr + pairs, mask=valid, other=0.0)
+            _down_epilogue(acc * wt[:, None], pairs, valid, offs_n, n_mask, out_ptr, y_ptr,
+                           cnt_ptr, pid_n, pid_k, P, N, tl.num_programs(0), TOP_K, SPLIT_K,
+                           SERIAL)
 
 
 @triton.jit
@@ -265,13 +404,13 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
     else:
         wt = tl.load(topw_ptr + rows, mask=valid, other=0.0)
         offs = (pid_k * P + rows[None, :]).to(tl.int64) * N + offs_n[:, None]
-        tl.store(out_ptr + offs, acc * wt[None, :], mask=mask)
+        tl.store(out_ptr + offs, (acc * wt[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def moe_reduce_kernel(ws_ptr, y_ptr, M, N, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr,
                       BLOCK: tl.constexpr):
-    """y[m, n] = sum_s sum_j ws[s, m * TOP_K + j, n] (fp32, fixed order), cast to y's dtype."""
+    """y[m, n] = sum_s sum_j ws[s, m * TOP_K + j, n] (in fp32, fixed order), cast to y's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     m = offs // N
@@ -319,19 +458,32 @@ def max_blocks(P: int, num_experts: int, block_m: int) -> int:
                min(num_experts, P) + P // block_m)
 
 
+MAX_EXPERT_SCAN = 1024  # moe_gemv_expert_kernel: each program scans all P routed ids
+
+
 def _block_k(bk: int, group: int, K: int) -> int:
     if group < K:  # a tile never straddles two groups
         return min(bk, group & -group)
     return min(bk, max(16, triton.next_power_of_2(K)))
 
 
+def serial_ok(M: int, N: int, block_n: int) -> bool:
+    """Whether the down GEMM can reduce in its own programs (:func:`_down_epilogue`): one
+    counter per (token, N tile) in the shared counter buffer."""
+    return M * triton.cdiv(N, block_n) <= MAX_TILES
+
+
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, num_warps=4, num_stages=2):
+             FRAG=0, BM=0, y=None, num_warps=4, num_stages=2):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
-    qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or fp32 [SPLIT_K, P, N].
-    ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs)."""
+    qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
+    ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
+    gemv path: ``BM`` > 0 runs :func:`moe_gemv_expert_kernel` (BM pairs of one expert per
+    program) where its tiles are whole, else one pair per program; ``y`` [M, N] given (down
+    only, :func:`serial_ok`): the down GEMM also reduces into y, and no reduce launch is needed.
+    Returns whether y was written."""
     E, n_rows, _ = qweight.shape
     K = a.shape[1]
     N = n_rows // 2 if gated else n_rows
@@ -347,20 +499,31 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
             bk, gpt = t, t // group
     has_perm = perm.numel() > 0
     pm = perm if has_perm else qweight
+    serial = y is not None and not gated
     common = dict(A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
                   HAS_PERM=has_perm, SPLIT_K=split, BLOCK_N=BLOCK_N, BLOCK_K=bk,
-                  EVEN_K=K % bk == 0, GROUP_SHIFT=group_shift(group, K), num_warps=num_warps,
+                  GROUP_SHIFT=group_shift(group, K), num_warps=num_warps,
                   num_stages=num_stages)
     strides = (a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
                perm.stride(0) if has_perm else 0)
     if path == "gemv":
         ids = topk_ids.reshape(-1)
-        order = sorting if SORTED else ids
+        cnt = tile_counters(a.device) if serial else ids
+        yy = y if serial else out
         grid = (triton.cdiv(N, BLOCK_N), P, split)
-        moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, ids, order, topk_weights, P, N,
-                              K, group, *strides, ONE_BITS, SORTED=bool(SORTED), GPT=gpt,
-                              **common)
-        return out
+        if BM and K % bk == 0 and P <= MAX_EXPERT_SCAN:
+            grid = (grid[0], E, split)
+            moe_gemv_expert_kernel[grid](
+                a, qweight, scales, zeros, pm, out, yy, cnt, ids, topk_weights, P, N, K, group,
+                *strides, ONE_BITS, SERIAL=serial, TOP_K=top_k, BM=BM,
+                P_BLOCK=max(16, triton.next_power_of_2(P)), GPT=gpt, **common)
+            return serial
+        order = sorting if SORTED else ids
+        moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
+                              topk_weights, P, N, K, group, *strides, ONE_BITS,
+                              SORTED=bool(SORTED), SERIAL=serial, TOP_K=top_k,
+                              EVEN_K=K % bk == 0, GPT=gpt, **common)
+        return serial
     sorted_ids, block_expert, npad = sorting
     frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
     if has_perm or (gated and bk < 128):
@@ -378,12 +541,13 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     moe_dot_kernel[grid](a, qweight, scales, zeros, pm, out, sorted_ids, block_expert, npad,
                          topk_weights, P, N, K, group, *strides, ONE_BITS, BLOCK_M=BLOCK_M,
                          FRAG=frag, NUM_WARPS=num_warps, USE_ASM=use_asm,
-                         IEEE=a.dtype == torch.float32 or interpreting(), **common)
-    return out
+                         IEEE=a.dtype == torch.float32 or interpreting(), EVEN_K=K % bk == 0,
+                         **common)
+    return False
 
 
 def moe_reduce(ws, y, top_k: int):
-    """y [M, N] = sum over splits and slots of ws fp32 [S, M * top_k, N]."""
+    """y [M, N] = sum over splits and slots of ws [S, M * top_k, N] (summed in fp32)."""
     S, _, N = ws.shape
     M = y.shape[0]
     block = 1024
