@@ -1,9 +1,10 @@
 """MoE backend ``triton``: the fused Triton int4 MoE (``triton_kernels/fused_moe.py``).
 
 Per layer call: gate_up + activation (one launch), down + router weight (one launch), a
-deterministic reduce over the top-k slots and K splits (one launch), plus, on the tensor-core
-path only, a token sort in torch (fixed sizes, no host sync). Nothing reads the device on the
-host, so the call is CUDA-graph safe. The path and its launch parameters come from
+deterministic reduce over the top-k slots and K splits (one launch, none where the down GEMM
+reduces itself: ``SERIAL``), plus, on the tensor-core path only, a token sort in three Triton
+launches (``fused_moe.sort_pairs_triton``: fixed sizes, no host sync). Nothing reads the
+device on the host, so the call is CUDA-graph safe. The path and its launch parameters come from
 :func:`choose_moe_config` (THE dispatch rule) over the tuned rows in :data:`MOE_CONFIGS`.
 
 ``prepare`` keeps the canonical stacked layout; act-order experts get their input channels
@@ -139,7 +140,7 @@ class TritonMoEKernel(Int4MoEKernel):
         ids = ids.contiguous()
         topw = topk_weights.reshape(-1).to(torch.float32).contiguous()
         if cfg["path"] == "dot":
-            sorting = fm.sort_pairs(ids, E, cfg["BLOCK_M"])
+            sorting = fm.sort_pairs_triton(ids, E, cfg["BLOCK_M"])
         elif cfg.get("SORTED"):
             sorting = torch.argsort(ids, stable=True).to(torch.int32)
         else:

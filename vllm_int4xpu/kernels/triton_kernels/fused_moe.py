@@ -452,6 +452,98 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, block_expert.to(torch.int32), ends[-1:].to(torch.int32)
 
 
+@triton.jit
+def sort_count_kernel(ids_ptr, hist_ptr, P, E, CH: tl.constexpr, E_BLOCK: tl.constexpr):
+    """hist[c, e] = pairs of chunk c (CH pairs) routed to expert e."""
+    c = tl.program_id(0)
+    offs = c * CH + tl.arange(0, CH)
+    ok = offs < P
+    ids = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+    h = tl.histogram(ids, E_BLOCK)
+    # masked-out slots were counted in bin 0
+    h -= tl.where(tl.arange(0, E_BLOCK) == 0, CH - tl.sum(ok.to(tl.int32), 0), 0)
+    offs_e = tl.arange(0, E_BLOCK)
+    tl.store(hist_ptr + c * E + offs_e, h, mask=offs_e < E)
+
+
+@triton.jit
+def sort_offsets_kernel(hist_ptr, sorted_ptr, block_expert_ptr, npad_ptr, P, E, n_chunks,
+                        n_blocks, BM: tl.constexpr, E_BLOCK: tl.constexpr, R: tl.constexpr,
+                        BB: tl.constexpr):
+    """One program: per expert, its padded run [start, end) in sorted order (runs in expert
+    order, each padded to a multiple of BM); hist[c, e] becomes the slot of chunk c's first
+    pair of expert e (start + pairs of e in earlier chunks); the padding gets the sentinel P;
+    block_expert and npad as :func:`sort_pairs`."""
+    offs_e = tl.arange(0, E_BLOCK)
+    e_ok = offs_e < E
+    counts = tl.zeros([E_BLOCK], dtype=tl.int32)
+    for r0 in range(0, n_chunks, R):
+        rows = r0 + tl.arange(0, R)
+        m = (rows < n_chunks)[:, None] & e_ok[None, :]
+        counts += tl.sum(tl.load(hist_ptr + rows[:, None] * E + offs_e[None, :], mask=m,
+                                 other=0), 0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    for r0 in range(0, n_chunks, R):
+        rows = r0 + tl.arange(0, R)
+        m = (rows < n_chunks)[:, None] & e_ok[None, :]
+        ptrs = hist_ptr + rows[:, None] * E + offs_e[None, :]
+        blk = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, starts[None, :] + tl.cumsum(blk, 0) - blk, mask=m)
+        starts += tl.sum(blk, 0)  # now start + pairs of e in chunks up to this block
+    # starts == each run's start + count: the run's padding follows
+    offs_j = tl.arange(0, BM)
+    pad = starts[:, None] + offs_j[None, :]
+    tl.store(sorted_ptr + pad, P + pad * 0, mask=e_ok[:, None] & (pad < ends[:, None]))
+    tl.store(npad_ptr, tl.sum(padded, 0))
+    last = E - 1
+    for b0 in range(0, n_blocks, BB):
+        b = b0 + tl.arange(0, BB)
+        ex = tl.sum(((ends[None, :] <= (b * BM)[:, None]) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.minimum(ex, last), mask=b < n_blocks)
+
+
+@triton.jit
+def sort_scatter_kernel(ids_ptr, hist_ptr, sorted_ptr, P, E, CH: tl.constexpr):
+    """Chunk c's pairs to their slots: hist[c, e] (from :func:`sort_offsets_kernel`) plus the
+    pair's rank among the chunk's earlier pairs of the same expert (stable)."""
+    c = tl.program_id(0)
+    i = tl.arange(0, CH)
+    offs = c * CH + i
+    ok = offs < P
+    ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
+    same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None])
+    rank = tl.sum(same.to(tl.int32), 1)
+    base = tl.load(hist_ptr + c * E + ids, mask=ok, other=0)
+    tl.store(sorted_ptr + base + rank, offs, mask=ok)
+
+
+SORT_CHUNK = 128
+
+
+def sort_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """:func:`sort_pairs` in three Triton launches (count per chunk, offsets, scatter), stable
+    and deterministic; entries of ``sorted`` past npad are not written (no kernel reads them)."""
+    flat = topk_ids.reshape(-1)
+    P = flat.numel()
+    dev = flat.device
+    E = num_experts
+    n_chunks = triton.cdiv(P, SORT_CHUNK)
+    n_blocks = max_blocks(P, E, block_m)
+    hist = torch.empty((n_chunks, E), dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty((P + E * (block_m - 1),), dtype=torch.int32, device=dev)
+    block_expert = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
+    npad = torch.empty((1,), dtype=torch.int32, device=dev)
+    e_block = max(16, triton.next_power_of_2(E))
+    sort_count_kernel[(n_chunks,)](flat, hist, P, E, CH=SORT_CHUNK, E_BLOCK=e_block)
+    sort_offsets_kernel[(1,)](hist, sorted_ids, block_expert, npad, P, E, n_chunks, n_blocks,
+                              BM=block_m, E_BLOCK=e_block, R=max(1, 4096 // e_block),
+                              BB=max(1, 4096 // e_block), num_warps=4)
+    sort_scatter_kernel[(n_chunks,)](flat, hist, sorted_ids, P, E, CH=SORT_CHUNK)
+    return sorted_ids, block_expert, npad
+
+
 def max_blocks(P: int, num_experts: int, block_m: int) -> int:
     """Most blocks :func:`sort_pairs` can fill: each hit expert leaves at most one partial block."""
     return min(triton.cdiv(P + num_experts * (block_m - 1), block_m),
