@@ -209,8 +209,8 @@ SWEEP = {
         dict(BLOCK_N_13=32, warps_13=2, BLOCK_N_2=64, SPLIT_K=3, warps_2=2),
         dict(BLOCK_N_13=16, warps_13=1, BLOCK_N_2=32, SPLIT_K=8, warps_2=1, SORTED=True),
         dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2, SORTED=True))],
-    # gemv with the down GEMM reducing in its own programs (SERIAL), and pairs of one expert
-    # sharing a program (BM pairs, moe_gemv_expert_kernel); run with --sweep-set gemv_new
+    # gemv with the down GEMM reducing in its own programs (SERIAL) and K tiles up to the whole
+    # gate_up K; run with --sweep-set gemv_new
     "gemv_new": [dict(path="gemv", SERIAL=True, **c) for c in (
         dict(BLOCK_N_13=32, BLOCK_K_13=512, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=3,
              warps_2=4),
@@ -219,23 +219,7 @@ SWEEP = {
         dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
              warps_2=1),
         dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=2),
-        dict(BM=1, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
-             SPLIT_K=4, warps_2=1),
-        dict(BM=2, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
-             SPLIT_K=4, warps_2=1),
-        dict(BM=2, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256,
-             SPLIT_K=4, warps_2=2),
-        dict(BM=2, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256,
-             SPLIT_K=8, warps_2=1),
-        dict(BM=4, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256,
-             SPLIT_K=4, warps_2=2),
-        dict(BM=4, BLOCK_N_13=32, BLOCK_K_13=256, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256,
-             SPLIT_K=2, warps_2=4),
-        dict(BM=4, BLOCK_N_13=16, BLOCK_K_13=128, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=128,
-             SPLIT_K=8, warps_2=1),
-        dict(BM=8, BLOCK_N_13=16, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=32, BLOCK_K_2=128,
-             SPLIT_K=4, warps_2=2))],
+             warps_2=2))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -142,40 +142,39 @@ def test_group_128_gelu_sorted(path):
         assert rel(kern.apply(t, x, tw, ids), ref) < TOL[torch.bfloat16]
 
 
-# (zero kind, group, top-k, act-order, BM, SERIAL, BLOCK_K, M): the by-expert GEMV (BM pairs of
-# one expert per program, found by a scan of the routed ids) and the down GEMM reducing in its own
-# programs (SERIAL), each on and off; tiles of one group, of several groups (BLOCK_K 64/128 over
-# group 32) and of part of a group; more pairs on an expert than BM (several chunks).
-BY_EXPERT = [
-    (ZeroKind.NONE, 32, 2, False, 2, True, 64, 5),
-    (ZeroKind.INT, 32, 8, True, 4, True, 128, 3),
-    (ZeroKind.FLOAT, 64, 1, False, 1, False, 32, 7),
-    (ZeroKind.FLOAT, -1, 2, False, 4, True, 64, 4),
-    (ZeroKind.INT, 64, 2, True, 0, True, 64, 3),  # one pair per program, SERIAL only
+# (zero kind, group, top-k, act-order, BLOCK_K, M, SPLIT_K): the down GEMM reducing in its own
+# programs (SERIAL: the last of a token's top-k x split arrivals sums them into y); K tiles of
+# one group, of several groups (BLOCK_K 128 over group 32) and of part of a group; empty K
+# splits (SPLIT_K 4 over down's 2 tiles of 64) still count their arrival.
+SERIAL = [
+    (ZeroKind.NONE, 32, 2, False, 64, 5, 2),
+    (ZeroKind.INT, 32, 8, True, 128, 3, 2),
+    (ZeroKind.FLOAT, 64, 1, False, 32, 7, 3),
+    (ZeroKind.FLOAT, -1, 2, False, 64, 4, 4),
+    (ZeroKind.INT, 64, 2, True, 64, 3, 1),
 ]
 
 
 @interpreted
-@pytest.mark.parametrize("zero_kind,group,top_k,act_order,bm,serial,block_k,M", BY_EXPERT,
-                         ids=[f"{z.value}-g{g}-k{k}{'-act' if a else ''}-bm{b}"
-                              f"{'-serial' if s else ''}-bk{bk}-M{m}"
-                              for z, g, k, a, b, s, bk, m in BY_EXPERT])
-def test_gemv_by_expert_and_serial(zero_kind, group, top_k, act_order, bm, serial, block_k, M):
+@pytest.mark.parametrize("zero_kind,group,top_k,act_order,block_k,M,split", SERIAL,
+                         ids=[f"{z.value}-g{g}-k{k}{'-act' if a else ''}-bk{bk}-M{m}-s{sp}"
+                              for z, g, k, a, bk, m, sp in SERIAL])
+def test_gemv_serial_reduce(zero_kind, group, top_k, act_order, block_k, M, split):
+    from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
     E, H, I = 8, 192, 128
     w13, w2, kern, t = make_layer(E, H, I, group, zero_kind, torch.float16, act_order,
-                                  seed=bm + 10 * top_k)
-    # experts 2 and 5 idle (when top-k allows); with M >= 5 and top-k 2 some expert gets more
-    # pairs than BM
+                                  seed=block_k + 10 * top_k)
     tw, ids = routing(M, E, top_k, seed=M, experts=[0, 1, 3, 4, 6, 7] if top_k <= 6 else None)
     x = torch.randn(M, H, dtype=torch.float16)
-    cfg = dict(GEMV, BM=bm, SERIAL=serial, BLOCK_K_13=block_k, BLOCK_K_2=block_k, SPLIT_K=2)
+    cfg = dict(GEMV, SERIAL=True, BLOCK_K_13=block_k, BLOCK_K_2=block_k, SPLIT_K=split)
     ref = reference_moe(x, w13, w2, tw, ids)
     y = kern.apply(t, x, tw, ids, config=cfg)
     assert rel(y, ref) < TOL[torch.float16]
-    if serial:  # the counters are left at zero: a second call (as in a graph replay) agrees
-        assert torch.equal(kern.apply(t, x, tw, ids, config=cfg), y)
-        from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
-        assert int(tile_counters(x.device).abs().sum()) == 0
+    # the counters are left at zero, so a second call (a graph replay) agrees bit for bit
+    assert int(tile_counters(x.device).abs().sum()) == 0
+    assert torch.equal(kern.apply(t, x, tw, ids, config=cfg), y)
+    # and equals the two-launch reduce up to the fp32 summation order (the same order)
+    assert torch.equal(kern.apply(t, x, tw, ids, config=dict(cfg, SERIAL=False)), y)
 
 
 @interpreted
@@ -237,6 +236,12 @@ def test_sort_pairs_blocks_and_padding(monkeypatch):
 def test_dispatch_rule():
     assert mt.choose_moe_config(8, 128, 2048, 768)["path"] == "gemv"  # 1 token, Qwen3-30B-A3B
     assert mt.choose_moe_config(2, 8, 4096, 14336)["path"] == "gemv"  # 1 token, Mixtral
+    # the down GEMM reduces itself at few pairs; at 16 Qwen tokens (128 pairs) the reduce launch
+    # is kept (the last arrival would sum 8 slots x 8 splits)
+    assert mt.choose_moe_config(8, 128, 2048, 768)["SERIAL"]
+    assert mt.choose_moe_config(8, 8, 4096, 14336)["SERIAL"]
+    assert not mt.choose_moe_config(128, 128, 2048, 768)["SERIAL"]
+    assert "SERIAL_PAIRS" not in mt.choose_moe_config(8, 128, 2048, 768)
     big = mt.choose_moe_config(4096 * 8, 128, 2048, 768)
     assert big["path"] == "dot" and big["BLOCK_M"] >= 32
     for pairs in (1, 8, 64, 512, 4096, 32768):  # every row is complete

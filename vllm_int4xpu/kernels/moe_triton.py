@@ -38,17 +38,20 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # "gemv" rows: one pair per program on CUDA cores; "dot" rows: BLOCK_M sorted pairs per program
 # on tensor cores. ``*_13`` / ``*_2`` are the gate_up / down GEMM; SPLIT_K applies to down only;
 # a gemv BLOCK_K above the group size makes K tiles of several whole groups where K allows.
+# SERIAL_PAIRS (gemv): up to this many pairs the down GEMM reduces into y itself (``SERIAL``,
+# no reduce launch); above it the last arrival would sum too many partials (top_k x SPLIT_K).
 # Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
 # Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
-# (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_h200.json).
+# (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_sweep_gemv_serial_h100.txt,
+# bench_moe_h200.json).
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3)
 MOE_CONFIGS = {
     "cuda": [
-        (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=32, BLOCK_K_13=512, warps_13=4,
-                     BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=3, warps_2=4)),
+        (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4,
+                     BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2, SERIAL_PAIRS=1 << 30)),
         (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1,
-                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1)),
+                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, SERIAL_PAIRS=64)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
         (384.0, dict(_DOT, BLOCK_M=64)),
@@ -64,10 +67,10 @@ def choose_moe_config(pairs: int, num_experts: int, hidden: int, intermediate: i
     ``num_experts``, by rows per expert (decode: ~1 per expert -> gemv; prefill -> dot)."""
     rows = MOE_CONFIGS.get(family, MOE_CONFIGS["cuda"])
     per_expert = pairs / num_experts
-    for limit, row in rows:
-        if per_expert <= limit:
-            return dict(row)
-    return dict(rows[-1][1])
+    row = next((r for limit, r in rows if per_expert <= limit), rows[-1][1])
+    cfg = {k: v for k, v in row.items() if k != "SERIAL_PAIRS"}
+    cfg["SERIAL"] = pairs <= row.get("SERIAL_PAIRS", 0)
+    return cfg
 
 
 def _permute_experts(w: Int4Experts) -> tuple[Int4Experts, torch.Tensor]:
@@ -149,7 +152,7 @@ class TritonMoEKernel(Int4MoEKernel):
         z2 = z2 if z2.numel() else s2
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
-                      BM=cfg.get("BM", 0), num_stages=cfg.get("stages", 2))
+                      num_stages=cfg.get("stages", 2))
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],

@@ -20,7 +20,10 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   (``common.nibble_pair_as_float``), so a weight costs ~half a shift, one LOP3 and one FMA; the
   group's scale and offset are applied once per K tile. A K tile may hold several whole groups
   (:func:`_gemv_multi_group`: power-of-two groups, K a multiple of the tile), which keeps more
-  weight words in flight per thread than one group of 128 does.
+  weight words in flight per thread than one group of 128 does. With ``SERIAL`` the down
+  GEMM's programs count their arrivals per (token, N tile) and the last one sums the token's
+  partials in the reduce kernel's order (so the result is the same, bit for bit), which saves
+  the reduce launch at decode.
 * **dot** (:func:`moe_dot_kernel`, prefill): tokens sorted by expert into blocks of BLOCK_M
   (:func:`sort_pairs`, padded, fixed sizes), one program per (N tile, block, K split), the weight
   tile dequantized in registers and multiplied on tensor cores with the linear GEMM's tile
@@ -229,110 +232,6 @@ def _down_epilogue(res, pairs, valid, offs_n, n_mask, ws_ptr, y_ptr, cnt_ptr, pi
             tl.store(y_ptr + tok[:, None].to(tl.int64) * N + offs_n[None, :],
                      tot.to(y_ptr.dtype.element_ty), mask=lmask)
             tl.atomic_xchg(cnt, 0, mask=last, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def moe_gemv_expert_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr,
-                           ids_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
-                           stride_se, stride_pe, one_bits, A_DIV: tl.constexpr,
-                           GATED: tl.constexpr, ACT: tl.constexpr, ZERO_KIND: tl.constexpr,
-                           HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                           TOP_K: tl.constexpr, BM: tl.constexpr, P_BLOCK: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GPT: tl.constexpr,
-                           GROUP_SHIFT: tl.constexpr):
-    """The gemv path with pairs of one expert sharing a program: one (N tile, expert, K split).
-    The program finds its expert's pairs itself (a scan of the P routed ids, no sort launch),
-    then takes them BM at a time: each weight tile is unpacked once and meets BM rows of A on
-    CUDA cores. Experts without pairs exit at once. Outputs as :func:`moe_gemv_kernel` (down:
-    :func:`_down_epilogue`). Tiles are whole: K % BLOCK_K == 0, and a tile is GPT >= 1 whole
-    groups or lies in one group (GPT == 1)."""
-    pid_n = tl.program_id(0)
-    e = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_p = tl.arange(0, P_BLOCK)
-    ids = tl.load(ids_ptr + offs_p, mask=offs_p < P, other=-1)
-    hit = (ids == e).to(tl.int32)
-    n_hit = tl.sum(hit, 0)
-    if n_hit == 0:
-        return
-    rank = tl.cumsum(hit, 0) - 1
-    e64 = e.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    NS = N * 2 if GATED else N
-    w_rows = qw_ptr + e64 * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn
-    s_e = s_ptr + e64 * stride_se
-    z_e = z_ptr + e64 * stride_se
-    perm_e = perm_ptr + e64 * stride_pe
-    SW: tl.constexpr = BLOCK_K // 8 // GPT  # words per group (or per tile when GPT == 1)
-    offs_g = tl.arange(0, GPT)
-    wofs = offs_g[:, None] * SW + tl.arange(0, SW)[None, :]  # [GPT, SW] word offsets
-    nm3 = n_mask[:, None, None]
-    tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
-    k_lo = pid_k * tiles_per_split * BLOCK_K
-    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    for c0 in range(0, n_hit, BM):
-        offs_r = c0 + tl.arange(0, BM)
-        valid = offs_r < n_hit
-        sel = (hit[None, :] > 0) & (rank[None, :] == offs_r[:, None])
-        pairs = tl.sum(tl.where(sel, offs_p[None, :], 0), 1)  # [BM] pair ids (0 past n_hit)
-        a_rows = a_ptr + (pairs // A_DIV).to(tl.int64) * stride_am
-        am3 = valid[:, None, None]
-        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            wk = k0 // 8 + wofs
-            words = tl.load(w_rows[:, :, None] + wk[None, :, :], mask=nm3, other=0)
-            if GATED:
-                words_u = tl.load(w_rows[:, :, None] + N * stride_qn + wk[None, :, :],
-                                  mask=nm3, other=0)
-            t = tl.zeros([BM, BLOCK_N, GPT, SW], dtype=tl.float32)
-            t_u = tl.zeros([BM, BLOCK_N, GPT, SW], dtype=tl.float32)
-            x_scaled = tl.zeros([BM, GPT, SW], dtype=tl.float32)
-            x_plain = tl.zeros([BM, GPT, SW], dtype=tl.float32)
-            for p in tl.static_range(4):
-                kk = k0 + 8 * wofs + 2 * p
-                if HAS_PERM:
-                    src_lo = tl.load(perm_e + kk)
-                    src_hi = tl.load(perm_e + kk + 1)
-                else:
-                    src_lo = kk
-                    src_hi = kk + 1
-                x_lo = tl.load(a_rows[:, None, None] + src_lo[None, :, :], mask=am3,
-                               other=0.0).to(tl.float32)
-                x_hi = tl.load(a_rows[:, None, None] + src_hi[None, :, :], mask=am3,
-                               other=0.0).to(tl.float32)
-                x_lo256 = x_lo * 256.0
-                x_hi16 = x_hi * 16.0
-                hi, lo = nibble_pair_as_float(words, p, one_bits)
-                t += hi[None, :, :, :] * x_hi16[:, None, :, :]
-                t += lo[None, :, :, :] * x_lo256[:, None, :, :]
-                if GATED:
-                    hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
-                    t_u += hi_u[None, :, :, :] * x_hi16[:, None, :, :]
-                    t_u += lo_u[None, :, :, :] * x_lo256[:, None, :, :]
-                x_scaled += x_hi16 + x_lo256
-                x_plain += x_hi + x_lo
-            xs = tl.sum(x_scaled, 2)[:, None, :]  # [BM, 1, GPT]
-            xp = tl.sum(x_plain, 2)[:, None, :]
-            g = group_of(k0 + offs_g * (SW * 8), GROUP, GROUP_SHIFT)[None, :]
-            s, b = group_scale_offset(s_e, z_e, g, offs_n[:, None], n_mask[:, None], NS,
-                                      ZERO_KIND)
-            acc += tl.sum(s[None, :, :] * (tl.sum(t, 3) - xs) + b[None, :, :] * xp, 2)
-            if GATED:
-                s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n[:, None] + N, n_mask[:, None],
-                                              NS, ZERO_KIND)
-                acc_u += tl.sum(s_u[None, :, :] * (tl.sum(t_u, 3) - xs) + b_u[None, :, :] * xp,
-                                2)
-        if GATED:
-            h = _act(acc, ACT) * acc_u
-            tl.store(out_ptr + pairs[:, None].to(tl.int64) * N + offs_n[None, :],
-                     h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
-        else:
-            wt = tl.load(topw_ptr + pairs, mask=valid, other=0.0)
-            _down_epilogue(acc * wt[:, None], pairs, valid, offs_n, n_mask, out_ptr, y_ptr,
-                           cnt_ptr, pid_n, pid_k, P, N, tl.num_programs(0), TOP_K, SPLIT_K,
-                           SERIAL)
 
 
 @triton.jit
@@ -550,9 +449,6 @@ def max_blocks(P: int, num_experts: int, block_m: int) -> int:
                min(num_experts, P) + P // block_m)
 
 
-MAX_EXPERT_SCAN = 1024  # moe_gemv_expert_kernel: each program scans all P routed ids
-
-
 def _block_k(bk: int, group: int, K: int) -> int:
     if group < K:  # a tile never straddles two groups
         return min(bk, group & -group)
@@ -568,15 +464,13 @@ def serial_ok(M: int, N: int, block_n: int) -> bool:
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, BM=0, y=None, num_warps=4, num_stages=2):
+             FRAG=0, y=None, num_warps=4, num_stages=2):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
-    gemv path: ``BM`` > 0 runs :func:`moe_gemv_expert_kernel` (BM pairs of one expert per
-    program) where its tiles are whole, else one pair per program; ``y`` [M, N] given (down
-    only, :func:`serial_ok`): the down GEMM also reduces into y, and no reduce launch is needed.
-    Returns whether y was written."""
-    E, n_rows, _ = qweight.shape
+    gemv path, ``y`` [M, N] given (down only, :func:`serial_ok`): the down GEMM also reduces
+    into y, and no reduce launch is needed. Returns whether y was written."""
+    n_rows = qweight.shape[1]
     K = a.shape[1]
     N = n_rows // 2 if gated else n_rows
     P = topk_ids.numel()
@@ -603,13 +497,6 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         cnt = tile_counters(a.device) if serial else ids
         yy = y if serial else out
         grid = (triton.cdiv(N, BLOCK_N), P, split)
-        if BM and K % bk == 0 and P <= MAX_EXPERT_SCAN:
-            grid = (grid[0], E, split)
-            moe_gemv_expert_kernel[grid](
-                a, qweight, scales, zeros, pm, out, yy, cnt, ids, topk_weights, P, N, K, group,
-                *strides, ONE_BITS, SERIAL=serial, TOP_K=top_k, BM=BM,
-                P_BLOCK=max(16, triton.next_power_of_2(P)), GPT=gpt, **common)
-            return serial
         order = sorting if SORTED else ids
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
                               topk_weights, P, N, K, group, *strides, ONE_BITS,
