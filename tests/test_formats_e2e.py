@@ -253,18 +253,19 @@ def gptq_act_order_float(tmp: Path) -> Path:
 
 def test_default_subset_matches_dense_and_builtin(tmp_path):
     """Representative subset in the default run: GPTQ v1 asym desc_act, CT asym and HQQ float zp
-    against dense float32 copies, one bf16 pair, and symmetric GPTQ against vLLM's built-in."""
+    against dense float32 copies, and symmetric GPTQ against vLLM's built-in (bf16 end to end
+    runs in the default run in tests/test_e2e_vllm.py)."""
     check_against_dense(DEFAULT_DENSE, tmp_path)
-    check_against_dense(["ar_awq_asym_g128"], tmp_path, "bfloat16", BF16_TOL)
     check_against_builtin(["ar_gptq_sym_g128"])
 
 
 @pytest.mark.slow  # each case's loader piece is unit-tested (zp 16, convert, native g_idx)
 def test_derived_checkpoints_match_dense(tmp_path):
     """A GPTQ v1 checkpoint with zero points 16, a converted HQQ qmodel.pt save and our own GPTQ
-    act-order float-zero checkpoint against dense float32 copies."""
+    act-order float-zero checkpoint against dense float32 copies, and one bf16 pair."""
     check_against_dense([gptq_v1_zero_point_16(tmp_path), converted_hqq_save(tmp_path),
                          gptq_act_order_float(tmp_path)], tmp_path)
+    check_against_dense(["ar_awq_asym_g128"], tmp_path, "bfloat16", BF16_TOL)
 
 
 @pytest.mark.slow  # the legacy config files' detection is unit-tested in test_formats_unit.py

@@ -143,15 +143,13 @@ def test_group_128_gelu_sorted(path):
 
 
 # (zero kind, group, top-k, act-order, BLOCK_K, M, SPLIT_K): the down GEMM reducing in its own
-# programs (SERIAL: the last of a token's top-k x split arrivals sums them into y); K tiles of
-# one group, of several groups (BLOCK_K 128 over group 32) and of part of a group; empty K
-# splits (SPLIT_K 4 over down's 2 tiles of 64) still count their arrival.
+# programs (SERIAL: the last of a token's top-k x split arrivals sums them into y), one case per
+# zero kind: K tiles of two groups (BLOCK_K 64 over group 32), top-8 with act-order, and
+# per-channel with empty K splits (SPLIT_K 4 over down's 2 tiles), which still count.
 SERIAL = [
     (ZeroKind.NONE, 32, 2, False, 64, 5, 2),
-    (ZeroKind.INT, 32, 8, True, 128, 3, 2),
-    (ZeroKind.FLOAT, 64, 1, False, 32, 7, 3),
+    (ZeroKind.INT, 64, 8, True, 64, 3, 1),
     (ZeroKind.FLOAT, -1, 2, False, 64, 4, 4),
-    (ZeroKind.INT, 64, 2, True, 64, 3, 1),
 ]
 
 
@@ -170,10 +168,9 @@ def test_gemv_serial_reduce(zero_kind, group, top_k, act_order, block_k, M, spli
     ref = reference_moe(x, w13, w2, tw, ids)
     y = kern.apply(t, x, tw, ids, config=cfg)
     assert rel(y, ref) < TOL[torch.float16]
-    # the counters are left at zero, so a second call (a graph replay) agrees bit for bit
+    # the counters are left at zero (ready for the next call or graph replay), and the result
+    # is bit-equal to the reduce launch's (the same fp32 summation order)
     assert int(tile_counters(x.device).abs().sum()) == 0
-    assert torch.equal(kern.apply(t, x, tw, ids, config=cfg), y)
-    # and equals the two-launch reduce up to the fp32 summation order (the same order)
     assert torch.equal(kern.apply(t, x, tw, ids, config=dict(cfg, SERIAL=False)), y)
 
 
