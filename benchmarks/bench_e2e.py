@@ -51,6 +51,9 @@ ROWS = {
     "ct-int4xpu": ("ct-asym-g64", "int4xpu", "CT W4A16 asym g64 / int4xpu"),
     "gptq-builtin": ("gptq-sym-g64", None, "GPTQ sym g64 / built-in"),
     "gptq-int4xpu": ("gptq-sym-g64", "int4xpu", "GPTQ sym g64 / int4xpu"),
+    # our own checkpoint (no producer needed): vllm-int4xpu quantize <model>-bf16 <model>-rtn-g64
+    # --group-size 64; VLLM_INT4XPU_BACKEND picks the kernel backend to compare
+    "rtn-int4xpu": ("rtn-g64", "int4xpu", "ours RTN int g64 / int4xpu"),
 }
 FULL = dict(prompt_len=384, b1_tokens=96, batch=16, batch_prompt_len=64, b16_tokens=48, reps=3)
 QUICK = dict(prompt_len=64, b1_tokens=8, batch=16, batch_prompt_len=32, b16_tokens=8, reps=2)
