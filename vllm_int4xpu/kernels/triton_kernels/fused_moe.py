@@ -1,7 +1,8 @@
 """Fused int4 mixture-of-experts: one launch per expert GEMM for all experts, then a small reduce.
 
 Rows are (token, slot) *pairs* p = m * top_k + j, P = M * top_k of them; pair p goes to expert
-``topk_ids.flat[p]``. Three launches per layer, none of which reads anything on the host:
+``topk_ids.flat[p]``. Up to three launches per layer (plus the token sort's three on the dot
+path), none of which reads anything on the host:
 
 1. gate_up (``GATED``): h[p, n] = act(x[m] . W13_e[n]) * (x[m] . W13_e[I + n]), h [P, I] in the
    activation dtype, rows in pair order;
@@ -9,7 +10,7 @@ Rows are (token, slot) *pairs* p = m * top_k + j, P = M * top_k of them; pair p 
    the gemv path, the activation dtype on the dot path); with SERIAL (gemv), the last of a
    token's TOP_K * S arrivals also sums them into y (:func:`_down_epilogue`) and 3. is skipped;
 3. :func:`moe_reduce_kernel`: y[m] = sum over splits and the top_k slots of m, in a fixed order
-   (deterministic, no atomics).
+   (deterministic: no atomic adds; SERIAL counts arrivals atomically but sums in this order).
 
 Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs per expert):
 
@@ -25,7 +26,7 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   partials in the reduce kernel's order (so the result is the same, bit for bit), which saves
   the reduce launch at decode.
 * **dot** (:func:`moe_dot_kernel`, prefill): tokens sorted by expert into blocks of BLOCK_M
-  (:func:`sort_pairs`, padded, fixed sizes), one program per (N tile, block, K split), the weight
+  (:func:`sort_pairs_triton`; :func:`sort_pairs` is its torch twin; padded, fixed sizes), one program per (N tile, block, K split), the weight
   tile dequantized in registers and multiplied on tensor cores with the linear GEMM's tile
   (``gemm._tile_dot``: FRAG 2 packed dequantization on CUDA, FRAG 1 elsewhere). Blocks past the
   padded count return at once, so experts without tokens cost one early exit per N tile.
