@@ -26,8 +26,9 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   partials in the reduce kernel's order (so the result is the same, bit for bit), which saves
   the reduce launch at decode.
 * **dot** (:func:`moe_dot_kernel`, prefill): tokens sorted by expert into blocks of BLOCK_M
-  (:func:`sort_pairs_triton`; :func:`sort_pairs` is its torch twin; padded, fixed sizes), one program per (N tile, block, K split), the weight
-  tile dequantized in registers and multiplied on tensor cores with the linear GEMM's tile
+  (:func:`sort_pairs_triton`, whose torch twin :func:`sort_pairs` is the test oracle; padded,
+  fixed sizes), one program per (N tile, block, K split), the weight tile dequantized in
+  registers and multiplied on tensor cores with the linear GEMM's tile
   (``gemm._tile_dot``: FRAG 2 packed dequantization on CUDA, FRAG 1 elsewhere). Blocks past the
   padded count return at once, so experts without tokens cost one early exit per N tile.
 
