@@ -220,6 +220,24 @@ SWEEP = {
              warps_2=1),
         dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
              warps_2=2))],
+    # program order: GROUP_M pairs (gemv) or blocks (dot) walk the N tiles together, so programs
+    # on one expert share its weight tiles through L2; dot rows also with the down GEMM split
+    "order": [dict(GROUP_M=g) for g in (4, 16, 64, 1024)] + [
+        dict(GROUP_M=8, SPLIT_K=2), dict(GROUP_M=8, SPLIT_K=4)],
+    # gemv launch shapes with the pairs walking each N tile together (GROUP_M above all pairs)
+    "gemv_order": [dict(path="gemv", GROUP_M=1024, **c) for c in (
+        dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=2, SERIAL=True),
+        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
+             warps_2=1),
+        dict(BLOCK_N_13=32, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=4,
+             warps_2=2),
+        dict(BLOCK_N_13=64, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=128, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=4),
+        dict(BLOCK_N_13=32, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=8,
+             warps_2=2),
+        dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=1, SERIAL=True))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -187,6 +187,22 @@ def test_dot_several_blocks_per_expert():
 
 
 @interpreted
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_grouped_program_order(path):
+    """GROUP_M rows (pairs or blocks) walking the N tiles together: every (N tile, row) is still
+    computed exactly once, so the result is bit-equal to the row-by-row order: a group that
+    divides neither the rows nor the N tiles (3), and on the dot path one above all rows (64)."""
+    w13, w2, kern, t = make_layer(6, 64, 80, 16, ZeroKind.INT, torch.float16, seed=11)
+    tw, ids = routing(4, 6, 2, seed=5)
+    x = torch.randn(4, 64, dtype=torch.float16)
+    base = dict(GEMV, SERIAL=True, BLOCK_N_2=16) if path == "gemv" else dict(DOT, BLOCK_M=4)
+    y = kern.apply(t, x, tw, ids, config=base)
+    assert rel(y, reference_moe(x, w13, w2, tw, ids)) < TOL[torch.float16]
+    for g in (3, 64) if path == "dot" else (3,):
+        assert torch.equal(kern.apply(t, x, tw, ids, config=dict(base, GROUP_M=g)), y)
+
+
+@interpreted
 @pytest.mark.parametrize("M,top_k,E,bm", [(5, 2, 5, 4), (37, 8, 16, 16), (300, 2, 8, 64),
                                           (1, 8, 128, 16), (700, 4, 40, 32)])
 def test_sort_pairs_triton_equals_torch(M, top_k, E, bm):

@@ -32,6 +32,11 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   (``gemm._tile_dot``: FRAG 2 packed dequantization on CUDA, FRAG 1 elsewhere). Blocks past the
   padded count return at once, so experts without tokens cost one early exit per N tile.
 
+Program order (both paths, ``GROUP_M``, :func:`_tile_ids`): the grid is one linear axis of
+(N tile, row) programs (rows are pairs or blocks), K splits on the second; GROUP_M rows walk
+the N tiles together, so rows on the same expert that run at the same time read each weight
+tile from memory once and share it through L2 (GROUP_M 1: all N tiles of a row, then the next).
+
 Weights are the canonical layout stacked per expert (qweight [E, N, K/8], scales/zeros [E, G, N]);
 act-order weights were permuted per expert at load so groups are contiguous, and both kernels
 read A's columns through ``perm[e]`` (x's channels for gate_up, h's for down). A K tile never
@@ -74,20 +79,35 @@ def _x_planes(a_row, perm_e, k, K, HAS_PERM: tl.constexpr, EVEN_K: tl.constexpr)
 
 
 @triton.jit
+def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(N tile, row index) of the linear program id ``pid`` over num_m rows (pairs or blocks)
+    and num_n N tiles: GROUP_M rows walk the N tiles together, the row fastest, so programs that
+    run at the same time on one expert read each weight tile once from memory and share it
+    through L2 (GROUP_M 1: every N tile of a row, then the next row)."""
+    if GROUP_M == 1:
+        return pid % num_n, pid // num_n
+    per_group = GROUP_M * num_n
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_m - first, GROUP_M)
+    r = pid % per_group
+    return r // size, first + r % size
+
+
+@triton.jit
 def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr, ids_ptr,
                     order_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
                     stride_se, stride_pe, one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr,
                     ACT: tl.constexpr, SORTED: tl.constexpr, ZERO_KIND: tl.constexpr,
                     HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr):
+                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr,
+                    GROUP_M: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
     N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
     with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
     for power-of-two groups and K a multiple of BLOCK_K)."""
-    pid_n = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_n, pid_p = _tile_ids(tl.program_id(0), P, tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_k = tl.program_id(1)
     if SORTED:
         pair = tl.load(order_ptr + pid_p)
     else:
@@ -155,7 +175,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
         wt = tl.load(topw_ptr + pair)
         pairs = pair + tl.zeros([1], dtype=tl.int32)
         _down_epilogue((acc * wt)[None, :], pairs, pairs >= 0, offs_n, n_mask, out_ptr, y_ptr,
-                       cnt_ptr, pid_n, pid_k, P, N, tl.num_programs(0), TOP_K, SPLIT_K, SERIAL)
+                       cnt_ptr, pid_n, pid_k, P, N, tl.cdiv(N, BLOCK_N), TOP_K, SPLIT_K, SERIAL)
 
 
 @triton.jit
@@ -244,12 +264,12 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                    FRAG: tl.constexpr, NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, GROUP_M: tl.constexpr):
     """One (N tile, block of BLOCK_M sorted pairs of one expert, K split); outputs as
     :func:`moe_gemv_kernel`. Accumulators are transposed, [BN, BM] (see gemm.py)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n, pid_m = _tile_ids(tl.program_id(0), tl.num_programs(0) // n_tiles, n_tiles, GROUP_M)
+    pid_k = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(npad_ptr):
         return  # past the last padded block: no work (experts without tokens have no block)
     rows = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -466,7 +486,7 @@ def serial_ok(M: int, N: int, block_n: int) -> bool:
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, y=None, num_warps=4, num_stages=2):
+             FRAG=0, GROUP_M=1, y=None, num_warps=4, num_stages=2):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
@@ -490,15 +510,15 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     serial = y is not None and not gated
     common = dict(A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
                   HAS_PERM=has_perm, SPLIT_K=split, BLOCK_N=BLOCK_N, BLOCK_K=bk,
-                  GROUP_SHIFT=group_shift(group, K), num_warps=num_warps,
-                  num_stages=num_stages)
+                  GROUP_SHIFT=group_shift(group, K), GROUP_M=max(1, int(GROUP_M)),
+                  num_warps=num_warps, num_stages=num_stages)
     strides = (a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
                perm.stride(0) if has_perm else 0)
     if path == "gemv":
         ids = topk_ids.reshape(-1)
         cnt = tile_counters(a.device) if serial else ids
         yy = y if serial else out
-        grid = (triton.cdiv(N, BLOCK_N), P, split)
+        grid = (triton.cdiv(N, BLOCK_N) * P, split)
         order = sorting if SORTED else ids
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
                               topk_weights, P, N, K, group, *strides, ONE_BITS,
@@ -518,7 +538,7 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     use_asm = frag == 2 and a.is_cuda and torch.version.hip is None and not interpreting()
     if frag == 2 and not use_asm and not interpreting():
         frag = 1  # no packed instructions here (XPU, ROCm)
-    grid = (triton.cdiv(N, BLOCK_N), block_expert.numel(), split)
+    grid = (triton.cdiv(N, BLOCK_N) * block_expert.numel(), split)
     moe_dot_kernel[grid](a, qweight, scales, zeros, pm, out, sorted_ids, block_expert, npad,
                          topk_weights, P, N, K, group, *strides, ONE_BITS, BLOCK_M=BLOCK_M,
                          FRAG=frag, NUM_WARPS=num_warps, USE_ASM=use_asm,
