@@ -1,8 +1,9 @@
 """The project's own CPU kernel (``kernels/cpu_native.py``, ``csrc/int4_cpu.cpp``) against the
 float64 oracle: both zero-point kinds and symmetric, every group size (the AMX path takes bf16
-with groups of 32k, the FMA path the rest), per-channel, ragged M (AMX row blocks of 16) and N
-(blocks of 16 channels), three activation dtypes, act-order; the AMX and FMA paths against each
-other; and the fallback when the library cannot be built."""
+with groups of 32k, the AVX512-BF16 dot-product path bf16 otherwise and every bf16 M below the
+dense path without AMX, the FMA path fp16/fp32), per-channel, ragged M (row blocks of 8 and 16)
+and N (blocks of 16 channels), three activation dtypes, act-order; every path against the
+others; and the fallback when the library cannot be built."""
 
 from __future__ import annotations
 
@@ -64,15 +65,17 @@ def test_act_order_and_3d_input(M):
 @pytest.mark.parametrize("M", [1, 3, 4, 6, 37, 70])
 def test_every_path_matches(monkeypatch, M):
     """bf16 activations through each path (register dot products, AMX with per-group scaling,
-    AMX on dequantized tiles, AVX-512 FMAs): each against float64, and against each other up to
-    fp32 summation order and the bf16 rounding of the dequantized tiles."""
+    AMX on dequantized tiles, dot products for every M without AMX, AVX-512 FMAs): each against
+    float64, and against each other up to fp32 summation order and the bf16 rounding of the
+    dequantized tiles (paths this CPU lacks fall through to the next one built in)."""
     torch.manual_seed(6)
     w = quantize_rtn(torch.randn(100, 256), 32, ZeroKind.FLOAT)
     x = torch.randn(M, 256, dtype=torch.bfloat16)
     ref = reference_linear(x.double(), w)
     outs = {}
     for name, dp, dense, amx in (("dp", 8, 10**6, True), ("amx", 0, 10**6, True),
-                                 ("amx_dense", 0, 1, True), ("fma", 0, 10**6, False)):
+                                 ("amx_dense", 0, 1, True), ("dp_no_amx", 0, 10**6, False),
+                                 ("fma", -1, 10**6, False)):
         monkeypatch.setattr(cpu_native, "DP_MAX_M", dp)
         monkeypatch.setattr(cpu_native, "AMX_DENSE_MIN_M", dense)
         monkeypatch.setattr(cpu_native, "DENSE_MIN_M", 10**6)

@@ -8,8 +8,13 @@ is the exactly dequantized model's, up to fp32 summation order:
 
 * bf16 activations on a CPU with AMX: the codes of 16 channels become AMX B tiles in L1/L2 once
   per call, and TDPBF16PS multiplies them with up to 16 rows of x at a time;
-* fp32/fp16 activations, or no AMX: AVX-512 FMAs over the same blocks (scalar loops without
-  AVX-512).
+* bf16 activations with AVX512-BF16 (decode on AMX CPUs; every M below the dense path on CPUs
+  without AMX): the codes become bf16 (16 + q) pairs in registers and VDPBF16PS multiplies them
+  with up to 8 rows of x;
+* fp32/fp16 activations, or no AVX512-BF16: AVX-512 FMAs over the same blocks (scalar loops
+  without AVX-512);
+* many rows (``DENSE_MIN_M``) without AMX: w^T dequantized whole into a reused buffer for
+  torch's GEMM.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else g++, else c++;
 vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp``, into a cache directory
@@ -45,7 +50,8 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # scaling in the loop), and, without AMX, from which w^T is dequantized whole into a reused
 # buffer for torch's GEMM (benchmarks/bench_cpu.py).
 AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "64"))
-# Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles.
+# Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles;
+# without AMX that path takes every bf16 call below DENSE_MIN_M (-1: never, AVX-512 FMAs).
 DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
 _SCRATCH: dict = {}

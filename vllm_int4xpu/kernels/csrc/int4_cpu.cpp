@@ -16,8 +16,10 @@
 //   * bf16 x on a CPU with AMX: per block of 16 channels, the codes of the whole K become AMX B
 //     tiles once (16 K-pairs x 16 channels, VNNI order, 1 KB each), then every block of up to 16
 //     rows of x runs TDPBF16PS over them, one C tile per group, scaled and summed in registers;
-//   * otherwise (fp32/fp16 x, or no AMX) with AVX-512: the same blocks as an outer product, 16
-//     channels per vector, fp32 FMAs;
+//   * bf16 x with AVX512-BF16 (decode on AMX CPUs; every M below the dense path without AMX):
+//     the codes become the same bf16 pairs in registers, VDPBF16PS with up to 8 rows of x;
+//   * otherwise (fp32/fp16 x, or no AVX512-BF16) with AVX-512: the same blocks as an outer
+//     product, 16 channels per vector, fp32 FMAs;
 //   * no AVX-512: the same arithmetic in scalar loops.
 // Threads: OpenMP over the channel blocks, nthreads given by the caller (torch's count; the
 // library links the libgomp torch has loaded, so the threads are torch's).
@@ -137,16 +139,16 @@ void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, cons
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
 }
 
-// The vector paths' loop: channel blocks spread over the threads, rows of x up to 4 at a time;
+// The vector paths' loop: channel blocks spread over the threads, rows of x up to RB at a time;
 // block(j, m0, R, out) computes out[R][16] for block j and rows m0..m0+R-1, stored here into y.
-template <typename Block>
-void over_blocks_by_4_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, Block block) {
+template <int RB, typename Block>
+void over_blocks_by_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, Block block) {
     const int64_t NB = (N + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < NB; ++j) {
-        float out[4 * 16];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int R = int(std::min<int64_t>(4, M - m0));
+        float out[RB * 16];
+        for (int64_t m0 = 0; m0 < M; m0 += RB) {
+            const int R = int(std::min<int64_t>(RB, M - m0));
             block(j, m0, R, out);
             for (int r = 0; r < R; ++r) store_block_row(y, y_dt, m0 + r, N, j * 16, out + 16 * r);
         }
@@ -200,7 +202,7 @@ void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
     const int64_t G = K / group;
     std::vector<float> xf, xs;
     x_f32_and_group_sums(x, x_dt, M, K, group, xf, xs);
-    over_blocks_by_4_rows(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
+    over_blocks_by_rows<4>(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
         const float* sbj = sb + j * G * 32;
 #ifdef __AVX512F__
@@ -231,28 +233,26 @@ void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
     });
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define INT4_HAVE_AMX 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define INT4_HAVE_DP 1
 
+// Group sums [M, G] in fp32 of bf16 x (groups are multiples of 16: one vector per 16 channels).
 std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t group) {
-    return group_sums(M, K, group, [xb](int64_t i) { return bf16_to_f32(xb[i]); });
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette_id = 1;
-    uint8_t start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-// tile 0: C (rows x 16 fp32), tile 1: A (rows x 32 bf16 of x), tile 2: B (16 pairs x 16 cols)
-void configure_tiles(int rows) {
-    TileConfig cfg;
-    cfg.colsb[0] = 64; cfg.rows[0] = uint8_t(rows);
-    cfg.colsb[1] = 64; cfg.rows[1] = uint8_t(rows);
-    cfg.colsb[2] = 64; cfg.rows[2] = 16;
-    _tile_loadconfig(&cfg);
+    const int64_t G = K / group;
+    std::vector<float> xs(size_t(M * G));
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            const uint16_t* xg = xb + m * K + g * group;
+            __m512 a = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= group; k += 16)
+                a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))), 16)));
+            float t = _mm512_reduce_add_ps(a);
+            for (; k < group; ++k) t += bf16_to_f32(xg[k]);
+            xs[m * G + g] = t;
+        }
+    return xs;
 }
 
 // 64 bytes (4 rows p of a block) -> 4 AMX B-tile rows: 16 dwords of bf16 (16 + q_lo, 16 + q_hi)
@@ -274,31 +274,37 @@ inline void codes_to_btile_rows(const uint8_t* chunk, __m512i* out) {
     out[3] = _mm512_unpackhi_epi8(r23, c41);
 }
 
-// Few rows (decode): the B rows never leave the registers; VDPBF16PS with x's pair (x_2p,
-// x_2p+1) broadcast, 16 channels per vector, one accumulator per row and group.
-template <int R>
+// bf16 x, up to 8 rows at a time (decode and small batches, and every M below the dense path
+// on CPUs without AMX): the codes become bf16 pairs (16 + q_2p, 16 + q_2p+1) in registers
+// (codes_to_btile_rows) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
+// vector. U chunks of 4 pair rows per step give each row 2U independent accumulators (U = 2 for
+// up to 4 rows, so that few rows still keep enough dot products in flight).
+template <int R, int U>
 void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const float* sbj,
               int64_t K, int64_t G, int64_t group, float* out /* [R][16] */) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-        __m512 a0[R], a1[R];
-        for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
-            __m512i w[4];
-            codes_to_btile_rows(qj + p * 16, w);
+        __m512 a[R][2 * U];
+        for (int r = 0; r < R; ++r)
+            for (int u = 0; u < 2 * U; ++u) a[r][u] = _mm512_setzero_ps();
+        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4 * U) {
+            __m512i w[4 * U];
+            for (int u = 0; u < U; ++u) codes_to_btile_rows(qj + (p + 4 * u) * 16, w + 4 * u);
             for (int r = 0; r < R; ++r) {
                 const int32_t* xp = reinterpret_cast<const int32_t*>(xb + r * K) + p;
-                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)w[0], (__m512bh)_mm512_set1_epi32(xp[0]));
-                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)w[1], (__m512bh)_mm512_set1_epi32(xp[1]));
-                a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)w[2], (__m512bh)_mm512_set1_epi32(xp[2]));
-                a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)w[3], (__m512bh)_mm512_set1_epi32(xp[3]));
+                for (int i = 0; i < 4 * U; ++i)
+                    a[r][i % (2 * U)] = _mm512_dpbf16_ps(a[r][i % (2 * U)], (__m512bh)w[i],
+                                                         (__m512bh)_mm512_set1_epi32(xp[i]));
             }
         }
         const __m512 s = _mm512_loadu_ps(sbj + g * 32), bo = _mm512_loadu_ps(sbj + g * 32 + 16);
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r) {
+            __m512 t = a[r][0];
+            for (int u = 1; u < 2 * U; ++u) t = _mm512_add_ps(t, a[r][u]);
             acc[r] = _mm512_fmadd_ps(bo, _mm512_set1_ps(xs[r * G + g]),
-                                     _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), s, acc[r]));
+                                     _mm512_fmadd_ps(t, s, acc[r]));
+        }
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + 16 * r, acc[r]);
 }
@@ -307,18 +313,43 @@ void gemm_dp(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const 
              int64_t N, int64_t group, void* y, int y_dt, int nthreads) {
     const int64_t G = K / group;
     const std::vector<float> xs = group_sums_bf16(xb, M, K, group);
-    over_blocks_by_4_rows(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
+    over_blocks_by_rows<8>(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
         const float* sbj = sb + j * G * 32;
         const uint16_t* xr = xb + m0 * K;
         const float* xsr = xs.data() + m0 * G;
         switch (R) {
-            case 4: block_dp<4>(xr, xsr, qj, sbj, K, G, group, out); break;
-            case 3: block_dp<3>(xr, xsr, qj, sbj, K, G, group, out); break;
-            case 2: block_dp<2>(xr, xsr, qj, sbj, K, G, group, out); break;
-            default: block_dp<1>(xr, xsr, qj, sbj, K, G, group, out);
+            case 8: block_dp<8, 1>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 7: block_dp<7, 1>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 6: block_dp<6, 1>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 5: block_dp<5, 1>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 4: block_dp<4, 2>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 3: block_dp<3, 2>(xr, xsr, qj, sbj, K, G, group, out); break;
+            case 2: block_dp<2, 2>(xr, xsr, qj, sbj, K, G, group, out); break;
+            default: block_dp<1, 2>(xr, xsr, qj, sbj, K, G, group, out);
         }
     });
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(INT4_HAVE_DP)
+#define INT4_HAVE_AMX 1
+
+struct alignas(64) TileConfig {
+    uint8_t palette_id = 1;
+    uint8_t start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// tile 0: C (rows x 16 fp32), tile 1: A (rows x 32 bf16 of x), tile 2: B (16 pairs x 16 cols)
+void configure_tiles(int rows) {
+    TileConfig cfg;
+    cfg.colsb[0] = 64; cfg.rows[0] = uint8_t(rows);
+    cfg.colsb[1] = 64; cfg.rows[1] = uint8_t(rows);
+    cfg.colsb[2] = 64; cfg.rows[2] = 16;
+    _tile_loadconfig(&cfg);
 }
 
 void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
@@ -481,7 +512,7 @@ void gemm_amx_dense(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb,
 
 extern "C" {
 
-// Bit 0: AVX-512 vector path built in; bit 1: AMX path built in.
+// Bit 0: AVX-512 vector path built in; bit 1: AMX path; bit 2: AVX512-BF16 dot-product path.
 int int4_cpu_features() {
     int f = 0;
 #ifdef __AVX512F__
@@ -489,6 +520,9 @@ int int4_cpu_features() {
 #endif
 #ifdef INT4_HAVE_AMX
     f |= 2;
+#endif
+#ifdef INT4_HAVE_DP
+    f |= 4;
 #endif
     return f;
 }
@@ -567,7 +601,8 @@ int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int
 
 // use_amx: 1 lets bf16 x take the AMX path (the caller has asked the OS for the AMX state).
 // dense_min_m: rows from which the AMX path multiplies dequantized bf16 tiles (no per-group
-// scaling; 0 = never).
+// scaling; 0 = never). dp_max_m: rows up to which bf16 x takes the VDPBF16PS path rather than
+// AMX tiles (without AMX it takes every bf16 call); negative: never (the FMA path instead).
 int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
               int64_t N, int64_t group, void* y, int y_dt, int use_amx, int64_t dense_min_m,
               int64_t dp_max_m, int nthreads) {
@@ -579,12 +614,18 @@ int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
                        nthreads);
         return 0;
     }
-    if (x_dt == BF16 && group % 8 == 0 && M <= dp_max_m) {
+    if (x_dt == BF16 && group % 16 == 0 && M <= dp_max_m) {
         gemm_dp(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
         return 0;
     }
     if (use_amx && x_dt == BF16 && group % 32 == 0) {
         gemm_amx(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
+        return 0;
+    }
+#endif
+#ifdef INT4_HAVE_DP
+    if (x_dt == BF16 && group % 16 == 0 && dp_max_m >= 0) {  // every M AMX did not take
+        gemm_dp(static_cast<const uint16_t*>(x), M, K, qb, sb, N, group, y, y_dt, nthreads);
         return 0;
     }
 #endif
