@@ -45,7 +45,8 @@ def test_matches_float64_every_group_and_kind(kind, group, dtype):
                      if dtype != torch.float32 else torch.bfloat16)
     bias = torch.randn(N, dtype=dtype)
     # AMX row blocks of 16 and a ragged tail; from DENSE_MIN_M rows the dequantize + GEMM path
-    for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70):
+    for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70,
+              cpu_native.DP_DENSE_MIN_M):
         x = torch.randn(M, K, dtype=dtype)
         err = rel_err(run(w, x, dtype, bias), reference_linear(x.double(), w, bias.double()))
         assert err < TOL[dtype], (M, err)
@@ -79,6 +80,7 @@ def test_every_path_matches(monkeypatch, M):
         monkeypatch.setattr(cpu_native, "DP_MAX_M", dp)
         monkeypatch.setattr(cpu_native, "AMX_DENSE_MIN_M", dense)
         monkeypatch.setattr(cpu_native, "DENSE_MIN_M", 10**6)
+        monkeypatch.setattr(cpu_native, "DP_DENSE_MIN_M", 10**6)
         monkeypatch.setattr(cpu_native, "amx_enabled", lambda amx=amx: amx)
         outs[name] = run(w, x, torch.bfloat16)
         assert rel_err(outs[name], ref) < 8e-3, name

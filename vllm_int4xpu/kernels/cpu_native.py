@@ -13,8 +13,8 @@ is the exactly dequantized model's, up to fp32 summation order:
   with up to 8 rows of x;
 * fp32/fp16 activations, or no AVX512-BF16: AVX-512 FMAs over the same blocks (scalar loops
   without AVX-512);
-* many rows (``DENSE_MIN_M``) without AMX: w^T dequantized whole into a reused buffer for
-  torch's GEMM.
+* many rows without AMX (``DP_DENSE_MIN_M`` for bf16 on the VDPBF16PS path, else
+  ``DENSE_MIN_M``): w^T dequantized whole into a reused buffer for torch's GEMM.
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else g++, else c++;
 vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp``, into a cache directory
@@ -54,6 +54,9 @@ AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", 
 # without AMX that path takes every bf16 call below DENSE_MIN_M (-1: never, AVX-512 FMAs).
 DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
+# The same for bf16 x on the VDPBF16PS path without AMX, which keeps up with torch's bf16 GEMM
+# to a few hundred rows (benchmarks/bench_cpu.py on a 2-core EPYC: equal at 256-384 rows).
+DP_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_DENSE_MIN_M", "256"))
 _SCRATCH: dict = {}
 
 
@@ -147,6 +150,13 @@ def scale_offset(w: Int4Weight) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
+def dp_built() -> bool:
+    """Whether the library has the AVX512-BF16 dot-product path (built for this CPU)."""
+    lib, _ = load_library()
+    return lib is not None and bool(lib.int4_cpu_features() & 4)
+
+
+@functools.lru_cache(maxsize=1)
 def amx_enabled() -> bool:
     """Ask Linux for the AMX register state (torch's helper); False where it is refused."""
     lib, _ = load_library()
@@ -195,7 +205,9 @@ class CpuNativeKernel(Int4Kernel):
         N = self.spec.out_features
         g, threads = self.spec.group_size, torch.get_num_threads()
         amx = amx_enabled()
-        if M >= DENSE_MIN_M > 0 and not (amx and x.dtype == torch.bfloat16 and g % 32 == 0):
+        bf16 = x.dtype == torch.bfloat16
+        dense_from = DP_DENSE_MIN_M if bf16 and g % 16 == 0 and dp_built() else DENSE_MIN_M
+        if M >= dense_from > 0 and not (amx and bf16 and g % 32 == 0):
             wt = _scratch(K * N, x.dtype).view(K, N)
             rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
                                     _DT[x.dtype], threads)
