@@ -220,12 +220,14 @@ SWEEP = {
              warps_2=1),
         dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
              warps_2=2))],
-    # program order: GROUP_M pairs (gemv) or blocks (dot) walk the N tiles together, so programs
-    # on one expert share its weight tiles through L2; dot rows also with the down GEMM split
-    "order": [dict(GROUP_M=g) for g in (4, 16, 64, 1024)] + [
-        dict(GROUP_M=8, SPLIT_K=2), dict(GROUP_M=8, SPLIT_K=4)],
-    # gemv launch shapes with the pairs walking each N tile together (GROUP_M above all pairs)
-    "gemv_order": [dict(path="gemv", GROUP_M=1024, **c) for c in (
+    # dot rows: program order (GROUP_M blocks walk the N tiles together, sharing each expert's
+    # weight tiles through L2), down launched with PDL while gate_up drains, the down GEMM split
+    "order_dot": [dict(GROUP_M=8), dict(GROUP_M=64), dict(GROUP_M=8, PDL=True),
+                  dict(GROUP_M=8, SPLIT_K=2)],
+    # gemv launch shapes with the pairs walking each N tile together (GROUP_M above all pairs),
+    # the first three also with PDL
+    "gemv_order": [dict(path="gemv", GROUP_M=1024, **c, **pdl) for pdl in ({}, dict(PDL=True))
+                   for c in (
         dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
              warps_2=2, SERIAL=True),
         dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
@@ -237,7 +239,7 @@ SWEEP = {
         dict(BLOCK_N_13=32, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=8,
              warps_2=2),
         dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=1, SERIAL=True))],
+             warps_2=1, SERIAL=True))[:(6 if not pdl else 3)]],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -152,7 +152,8 @@ class TritonMoEKernel(Int4MoEKernel):
         z2 = z2 if z2.numel() else s2
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
-                      GROUP_M=cfg.get("GROUP_M", 1), num_stages=cfg.get("stages", 2))
+                      GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
+                      num_stages=cfg.get("stages", 2))
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],

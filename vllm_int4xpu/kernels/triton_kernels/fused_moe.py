@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
-                     interpreting, nibble_pair_as_float, tile_counters)
+                     interpreting, nibble_pair_as_float, pdl_launch_next, pdl_launch_option,
+                     pdl_wait, tile_counters, use_pdl)
 from .gemm import _frag_rows, _group_affine, _tile_dot
 
 
@@ -101,7 +102,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
                     HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
     N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
     with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
@@ -113,6 +114,8 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
     else:
         pair = pid_p
     e = tl.load(ids_ptr + pair).to(tl.int64)
+    if not GATED:
+        pdl_wait(PDL)  # down reads h (gate_up's output) from here on
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     BW: tl.constexpr = BLOCK_K // 8
@@ -168,6 +171,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
             s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n + N, n_mask, NS, ZERO_KIND)
             acc_u += s_u * (tl.sum(t_u, 1) - xs) + b_u * xp
     if GATED:
+        pdl_launch_next(PDL)  # down's programs may take the slots this grid's tail frees
         h = _act(acc, ACT) * acc_u
         tl.store(out_ptr + pair.to(tl.int64) * N + offs_n, h.to(out_ptr.dtype.element_ty),
                  mask=n_mask)
@@ -264,7 +268,7 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                    FRAG: tl.constexpr, NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr,
-                   IEEE: tl.constexpr, GROUP_M: tl.constexpr):
+                   IEEE: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
     """One (N tile, block of BLOCK_M sorted pairs of one expert, K split); outputs as
     :func:`moe_gemv_kernel`. Accumulators are transposed, [BN, BM] (see gemm.py)."""
     n_tiles = tl.cdiv(N, BLOCK_N)
@@ -276,6 +280,8 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
     valid = rows < P
     rows = tl.where(valid, rows, 0)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if not GATED:
+        pdl_wait(PDL)  # down reads h (gate_up's output) from here on
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     if FRAG:  # weight rows in the order the load layout holds them (gemm._frag_rows)
@@ -319,6 +325,7 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
                               BLOCK_M, FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
     mask = n_mask[:, None] & valid[None, :]
     if GATED:
+        pdl_launch_next(PDL)
         h = _act(acc, ACT) * acc_u
         offs = rows[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
@@ -486,7 +493,7 @@ def serial_ok(M: int, N: int, block_n: int) -> bool:
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, GROUP_M=1, y=None, num_warps=4, num_stages=2):
+             FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
@@ -508,7 +515,10 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     has_perm = perm.numel() > 0
     pm = perm if has_perm else qweight
     serial = y is not None and not gated
-    common = dict(A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
+    pdl = use_pdl(PDL, a.device)
+    # PDL: down launches while gate_up drains (waiting for it before reading h); gate_up lets it
+    common = dict(PDL=pdl, **pdl_launch_option(pdl and not gated),
+                  A_DIV=top_k if gated else 1, GATED=gated, ACT=act, ZERO_KIND=zero_kind,
                   HAS_PERM=has_perm, SPLIT_K=split, BLOCK_N=BLOCK_N, BLOCK_K=bk,
                   GROUP_SHIFT=group_shift(group, K), GROUP_M=max(1, int(GROUP_M)),
                   num_warps=num_warps, num_stages=num_stages)
