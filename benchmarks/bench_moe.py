@@ -224,6 +224,9 @@ SWEEP = {
     # weight tiles through L2), down launched with PDL while gate_up drains, the down GEMM split
     "order_dot": [dict(GROUP_M=8), dict(GROUP_M=64), dict(GROUP_M=8, PDL=True),
                   dict(GROUP_M=8, SPLIT_K=2)],
+    # every row: program order (8 rows, or all rows, walking the N tiles together), each with
+    # and without PDL between gate_up and down
+    "order_pdl": [dict(GROUP_M=g, **pdl) for pdl in ({}, dict(PDL=True)) for g in (8, 1024)],
     # gemv launch shapes with the pairs walking each N tile together (GROUP_M above all pairs),
     # the first three also with PDL
     "gemv_order": [dict(path="gemv", GROUP_M=1024, **c, **pdl) for pdl in ({}, dict(PDL=True))
