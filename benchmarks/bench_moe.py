@@ -220,29 +220,9 @@ SWEEP = {
              warps_2=1),
         dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
              warps_2=2))],
-    # dot rows: program order (GROUP_M blocks walk the N tiles together, sharing each expert's
-    # weight tiles through L2), down launched with PDL while gate_up drains, the down GEMM split
-    "order_dot": [dict(GROUP_M=8), dict(GROUP_M=64), dict(GROUP_M=8, PDL=True),
-                  dict(GROUP_M=8, SPLIT_K=2)],
     # every row: program order (8 rows, or all rows, walking the N tiles together), each with
     # and without PDL between gate_up and down
     "order_pdl": [dict(GROUP_M=g, **pdl) for pdl in ({}, dict(PDL=True)) for g in (8, 1024)],
-    # gemv launch shapes with the pairs walking each N tile together (GROUP_M above all pairs),
-    # the first three also with PDL
-    "gemv_order": [dict(path="gemv", GROUP_M=1024, **c, **pdl) for pdl in ({}, dict(PDL=True))
-                   for c in (
-        dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=2, SERIAL=True),
-        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
-             warps_2=1),
-        dict(BLOCK_N_13=32, BLOCK_K_13=512, warps_13=2, BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=4,
-             warps_2=2),
-        dict(BLOCK_N_13=64, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=128, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=4),
-        dict(BLOCK_N_13=32, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=8,
-             warps_2=2),
-        dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=1, SERIAL=True))[:(6 if not pdl else 3)]],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
