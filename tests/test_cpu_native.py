@@ -44,7 +44,8 @@ def test_matches_float64_every_group_and_kind(kind, group, dtype):
     w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=dtype
                      if dtype != torch.float32 else torch.bfloat16)
     bias = torch.randn(N, dtype=dtype)
-    # AMX row blocks of 16 and a ragged tail; from DENSE_MIN_M rows the dequantize + GEMM path
+    # row blocks of 8/16 and a ragged tail; from DENSE_MIN_M (fp16/fp32, or bf16 without the
+    # dot-product path) or DP_DENSE_MIN_M (bf16) rows the dequantize + GEMM path
     for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70,
               cpu_native.DP_DENSE_MIN_M):
         x = torch.randn(M, K, dtype=dtype)

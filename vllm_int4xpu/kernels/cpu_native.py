@@ -51,7 +51,7 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # buffer for torch's GEMM (benchmarks/bench_cpu.py).
 AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "64"))
 # Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles;
-# without AMX that path takes every bf16 call below DENSE_MIN_M (-1: never, AVX-512 FMAs).
+# without AMX that path takes every bf16 call below DP_DENSE_MIN_M (-1: never, AVX-512 FMAs).
 DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
 # The same for bf16 x on the VDPBF16PS path without AMX, which keeps up with torch's bf16 GEMM
@@ -206,7 +206,7 @@ class CpuNativeKernel(Int4Kernel):
         g, threads = self.spec.group_size, torch.get_num_threads()
         amx = amx_enabled()
         bf16 = x.dtype == torch.bfloat16
-        dense_from = DP_DENSE_MIN_M if bf16 and g % 16 == 0 and dp_built() else DENSE_MIN_M
+        dense_from = DP_DENSE_MIN_M if bf16 and dp_built() else DENSE_MIN_M
         if M >= dense_from > 0 and not (amx and bf16 and g % 32 == 0):
             wt = _scratch(K * N, x.dtype).view(K, N)
             rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
