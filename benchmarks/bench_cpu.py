@@ -2,10 +2,11 @@
 
 Usage: python benchmarks/bench_cpu.py [--preset smollm2|1b|8b | --shapes 576x1536,1536x576]
                                       [--group 64] [--ms 1,2,4,...] [--reps 9] [--zero int|none]
+                                      [--dtype bfloat16|float16|float32]
 
 Prints median milliseconds per call and ratios taken in this one run. Columns:
 
-* ``bf16``: ``F.linear`` with a dense bf16 weight.
+* ``bf16``: ``F.linear`` with a dense weight in the activation dtype (``--dtype``, default bf16).
 * ``ours``: our int4 linear as the plugin's selector dispatches it on this machine
   (``select_kernel(spec)``, e.g. ``cpu_native``; ``VLLM_INT4XPU_BACKEND`` forces one), through
   its kernel class: ``prepare`` once, then ``apply``. The header names the backend.
@@ -92,6 +93,8 @@ def vllm_cpu_wna16(w: Int4Weight, act_dtype: torch.dtype = torch.bfloat16, w4a8:
         return f"vLLM not importable ({type(e).__name__})"
     if w.g_idx is not None or w.zero_kind == ZeroKind.FLOAT:
         return "act-order / float zero points: not a vLLM CPU W4A16 layout"
+    if act_dtype not in (torch.bfloat16, torch.float16):
+        return f"vLLM's CPU int4 kernel takes bf16/fp16 activations, not {act_dtype}"
     _enable_amx()  # a thread must ask for the AMX state before its first AMX instruction
     K, N, g = w.in_features, w.out_features, w.group_size
     sym = w.zero_kind == ZeroKind.NONE
@@ -173,12 +176,14 @@ def main() -> None:
     ap.add_argument("--zero", choices=["int", "none"], default="int",
                     help="zero points of the timed weights: integer (asym) or none (sym)")
     ap.add_argument("--err-max-m", type=int, default=64, help="compute err columns up to this M")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="activation dtype (the dense column is F.linear in this dtype)")
     args = ap.parse_args()
     shapes = args.shapes or PRESETS.get(args.preset) or DEFAULT_SHAPES
     torch.manual_seed(0)
-    dt = torch.bfloat16
+    dt = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, group {args.group}, "
-          f"bf16, zero points {args.zero}, shapes {shapes}")
+          f"{args.dtype}, zero points {args.zero}, shapes {shapes}")
     K0, N0 = map(int, shapes.split(",")[0].split("x"))
     if not verify_vllm_anchor(K0, N0, args.group, dt):
         raise SystemExit("vLLM anchor disagrees with reference_linear")

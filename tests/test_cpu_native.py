@@ -44,8 +44,8 @@ def test_matches_float64_every_group_and_kind(kind, group, dtype):
     w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=dtype
                      if dtype != torch.float32 else torch.bfloat16)
     bias = torch.randn(N, dtype=dtype)
-    # row blocks of 8/16 and a ragged tail; from DENSE_MIN_M (fp16/fp32, or bf16 without the
-    # dot-product path) or DP_DENSE_MIN_M (bf16) rows the dequantize + GEMM path
+    # row blocks of 8/16 and a ragged tail; from DP_DENSE_MIN_M rows bf16 takes the
+    # dequantize + GEMM path (fp16/fp32 stay on the FMA path: test_fp16_fp32_dense_path)
     for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70,
               cpu_native.DP_DENSE_MIN_M):
         x = torch.randn(M, K, dtype=dtype)
@@ -89,6 +89,24 @@ def test_every_path_matches(monkeypatch, M):
         assert rel_err(y, outs["fma"].double()) < 8e-3, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp16_fp32_dense_path(monkeypatch, dtype):
+    """fp16/fp32 x on the dense path (FMA_DENSE_MIN_M; fp16 multiplies fp32 weights in fp32)
+    against float64 and against the FMA path."""
+    torch.manual_seed(8)
+    w = quantize_rtn(torch.randn(72, 320) * 0.05, 64, ZeroKind.INT, scale_dtype=torch.bfloat16)
+    x = torch.randn(70, 320, dtype=dtype)
+    ref = reference_linear(x.double(), w)
+    outs = {}
+    for name, dense in (("dense", 1), ("fma", 0)):
+        monkeypatch.setattr(cpu_native, "FMA_DENSE_MIN_M", dense)
+        monkeypatch.setattr(cpu_native, "DENSE_MIN_M", dense)
+        outs[name] = run(w, x, dtype)
+        assert outs[name].dtype == dtype
+        assert rel_err(outs[name], ref) < TOL[dtype], name
+    assert rel_err(outs["dense"], outs["fma"].double()) < TOL[dtype]
+
+
 def test_a_wrong_offset_is_caught():
     """The oracle check has teeth: one zero point off by one fails it."""
     torch.manual_seed(9)
@@ -109,7 +127,30 @@ def _fresh_library(monkeypatch, tmp_path, **env):
 @pytest.fixture
 def restore_library():
     yield
-    cpu_native.load_library.cache_clear()
+    for f in (cpu_native.load_library, cpu_native.dp_built, cpu_native.fma_built,
+              cpu_native.amx_enabled):
+        f.cache_clear()
+
+
+@pytest.mark.parametrize("march,features", [("x86-64-v3", 0), ("x86-64-v4", 1)])
+def test_builds_without_avx512_or_bf16_match_float64(monkeypatch, tmp_path, restore_library,
+                                                     march, features):
+    """The same source built for older CPUs: scalar loops (no AVX-512) and the AVX-512 FMA path
+    for every dtype (no AVX512-BF16), through the same packed layout and the dense path."""
+    _fresh_library(monkeypatch, tmp_path, VLLM_INT4XPU_CPU_NATIVE_MARCH=march)
+    for f in (cpu_native.dp_built, cpu_native.fma_built, cpu_native.amx_enabled):
+        f.cache_clear()
+    lib, why = cpu_native.load_library()
+    assert lib is not None, why
+    assert lib.int4_cpu_features() == features
+    for kind, group, dtype in ((ZeroKind.INT, 64, torch.bfloat16), (ZeroKind.FLOAT, 16,
+                                torch.float32), (ZeroKind.NONE, -1, torch.float16)):
+        torch.manual_seed(len(kind.value) + abs(group))
+        w = quantize_rtn(torch.randn(37, 192) * 0.05, group, kind, scale_dtype=torch.bfloat16)
+        for M in (1, 5, 17, cpu_native.DENSE_MIN_M):
+            x = torch.randn(M, 192, dtype=dtype)
+            err = rel_err(run(w, x, dtype), reference_linear(x.double(), w))
+            assert err < TOL[dtype], (march, kind, group, dtype, M, err)
 
 
 def test_falls_back_to_torch_op_when_the_build_fails(monkeypatch, tmp_path, caplog,

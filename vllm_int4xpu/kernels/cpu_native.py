@@ -13,11 +13,13 @@ is the exactly dequantized model's, up to fp32 summation order:
   with up to 8 rows of x;
 * fp32/fp16 activations, or no AVX512-BF16: AVX-512 FMAs over the same blocks (scalar loops
   without AVX-512);
-* many rows without AMX (``DP_DENSE_MIN_M`` for bf16 on the VDPBF16PS path, else
-  ``DENSE_MIN_M``): w^T dequantized whole into a reused buffer for torch's GEMM.
+* many rows without AMX (``DP_DENSE_MIN_M`` for bf16 on the VDPBF16PS path; ``DENSE_MIN_M``
+  without AVX-512; fp16/fp32 on the FMA path only from ``FMA_DENSE_MIN_M``, by default never):
+  w^T dequantized whole into a reused buffer for torch's GEMM (fp32 for fp16 x).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else g++, else c++;
-vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp``, into a cache directory
+vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp`` (``-march`` from
+``$VLLM_INT4XPU_CPU_NATIVE_MARCH``, e.g. ``x86-64-v3`` to leave AVX-512 out), into a cache directory
 keyed by the source, the compiler and this CPU (``$VLLM_INT4XPU_CACHE``, else
 ``$XDG_CACHE_HOME/vllm_int4xpu``, else ``~/.cache/vllm_int4xpu``), a few seconds. Without a
 compiler, or if the build fails, the backend refuses with the reason and the selector falls back
@@ -44,7 +46,13 @@ from ..weight import Int4Weight, ZeroKind
 from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def _flags() -> tuple[str, ...]:
+    march = os.environ.get("VLLM_INT4XPU_CPU_NATIVE_MARCH", "native")
+    return ("-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Rows from which the AMX path multiplies dequantized bf16 tiles over the whole K (no per-group
 # scaling in the loop), and, without AMX, from which w^T is dequantized whole into a reused
@@ -54,6 +62,10 @@ AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", 
 # without AMX that path takes every bf16 call below DP_DENSE_MIN_M (-1: never, AVX-512 FMAs).
 DP_MAX_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_MAX_M", "2"))
 DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
+# fp16/fp32 x on the AVX-512 FMA path: rows from which the dense path takes over (0: never; the
+# FMA path with 8-row blocks beat torch's fp32 GEMM at every M up to 1024 on a 2-core EPYC,
+# benchmarks/bench_cpu.py --dtype float32).
+FMA_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_FMA_DENSE_MIN_M", "0"))
 # The same for bf16 x on the VDPBF16PS path without AMX, which keeps up with torch's bf16 GEMM
 # to a few hundred rows (benchmarks/bench_cpu.py on a 2-core EPYC: equal at 256-384 rows).
 DP_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_DENSE_MIN_M", "256"))
@@ -104,14 +116,15 @@ def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                                  timeout=60).stdout.splitlines()[:1]
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, *FLAGS,
+        flags = _flags()
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, *flags,
                                         _cpu_flags()]).encode()).hexdigest()[:16]
         lib = _cache_dir() / f"int4_cpu_{key}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
-            proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
                                   text=True, timeout=600)
             if proc.returncode != 0:
                 os.unlink(tmp)
@@ -154,6 +167,13 @@ def dp_built() -> bool:
     """Whether the library has the AVX512-BF16 dot-product path (built for this CPU)."""
     lib, _ = load_library()
     return lib is not None and bool(lib.int4_cpu_features() & 4)
+
+
+@functools.lru_cache(maxsize=1)
+def fma_built() -> bool:
+    """Whether the library has the AVX-512 FMA path (else scalar loops)."""
+    lib, _ = load_library()
+    return lib is not None and bool(lib.int4_cpu_features() & 1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,13 +226,21 @@ class CpuNativeKernel(Int4Kernel):
         g, threads = self.spec.group_size, torch.get_num_threads()
         amx = amx_enabled()
         bf16 = x.dtype == torch.bfloat16
-        dense_from = DP_DENSE_MIN_M if bf16 and dp_built() else DENSE_MIN_M
+        if bf16 and dp_built():
+            dense_from = DP_DENSE_MIN_M
+        elif not bf16 and fma_built():
+            dense_from = FMA_DENSE_MIN_M
+        else:
+            dense_from = DENSE_MIN_M
         if M >= dense_from > 0 and not (amx and bf16 and g % 32 == 0):
-            wt = _scratch(K * N, x.dtype).view(K, N)
+            # fp16 GEMMs on CPUs without native fp16 math are slow in torch: fp16 x multiplies
+            # fp32 weights in fp32 (exact for fp16 x, and fp32 accumulation as everywhere else)
+            gemm_dt = torch.float32 if x.dtype == torch.float16 else x.dtype
+            wt = _scratch(K * N, gemm_dt).view(K, N)
             rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
-                                    _DT[x.dtype], threads)
+                                    _DT[gemm_dt], threads)
             assert rc == 0, rc
-            y = torch.mm(x, wt)
+            y = torch.mm(x.to(gemm_dt), wt).to(x.dtype)
         else:
             y = torch.empty(M, N, dtype=x.dtype)
             rc = lib.int4_gemm(x.data_ptr(), _DT[x.dtype], M, K, qb.data_ptr(), sb.data_ptr(),

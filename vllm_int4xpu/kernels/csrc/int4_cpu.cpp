@@ -1,11 +1,13 @@
 // int4 weight-only GEMM on the CPU: y[M, N] = x[M, K] @ w^T, fp32 accumulation, every M.
 //
 // Weight layout (written once at load by int4_pack_blocks; one copy of the codes):
-//   qb uint8 [NB, K/2, 16], NB = ceil(N/16): block j holds output channels 16j..16j+15; the byte
-//      of (p, c) holds the codes of k = 2p (low nibble) and 2p+1 (high nibble) of channel 16j+c
-//      (channels past N hold code 0). Within a block, 4 rows p of 16 channels share 64 bytes
-//      (byte_index): 16-byte lane L holds channels 4L..4L+3 of the 4 rows, row-major, so that
-//      in-lane byte shuffles turn 64 bytes into 4 AMX B-tile rows (codes_to_btile_rows);
+//   qb uint8 [NB, K/2, 16], NB = ceil(N/16): block j holds output channels 16j..16j+15
+//      (channels past N hold code 0) as K/8 chunks of 64 bytes. Chunk t holds the pair rows
+//      p = 4t..4t+3 (k = 2p, 2p+1) as 32 little-endian 16-bit words: word 2c + h holds the codes
+//      of k = 2p + h of channel c, the code of row p = 4t + n in bits 4n..4n+3 (code_at). A shift
+//      and a mask per row then put the codes of row p where the bf16 pairs (16 + q_2p,
+//      16 + q_2p+1) of all 16 channels have their mantissas (chunk_pairs): VNNI order, one
+//      dword per channel, as VDPBF16PS and AMX B tiles take it;
 //   sb float32 [NB, G, 2, 16]: per block, group g and channel c the scale s and the offset
 //      b' = b - 16 s, where w = q * s + b (b = -zp*s for integer zero points, z - 8 s for float
 //      ones, -8 s symmetric).
@@ -19,7 +21,7 @@
 //   * bf16 x with AVX512-BF16 (decode on AMX CPUs; every M below the dense path without AMX):
 //     the codes become the same bf16 pairs in registers, VDPBF16PS with up to 8 rows of x;
 //   * otherwise (fp32/fp16 x, or no AVX512-BF16) with AVX-512: the same blocks as an outer
-//     product, 16 channels per vector, fp32 FMAs;
+//     product, 16 channels per vector, up to 8 rows of x per pass, fp32 FMAs;
 //   * no AVX-512: the same arithmetic in scalar loops.
 // Threads: OpenMP over the channel blocks, nthreads given by the caller (torch's count; the
 // library links the libgomp torch has loaded, so the threads are torch's).
@@ -129,9 +131,14 @@ void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t g
     xs = group_sums(M, K, group, [f](int64_t i) { return f[i]; });
 }
 
-// Offset of (p, c) inside a block (see the layout at the top).
-inline int64_t byte_index(int64_t p, int64_t c) {
-    return (p >> 2) * 64 + (c >> 2) * 16 + (p & 3) * 4 + (c & 3);
+// Byte of a block holding the code of k = 2p + h of channel c, and the nibble's shift in it
+// (see the layout at the top).
+inline int64_t code_byte(int64_t p, int64_t c, int h) {
+    return (p >> 2) * 64 + 2 * (2 * c + h) + ((p & 3) >> 1);
+}
+inline int code_shift(int64_t p) { return 4 * int(p & 1); }
+inline int code_at(const uint8_t* qj, int64_t p, int64_t c, int h) {
+    return (qj[code_byte(p, c, h)] >> code_shift(p)) & 0x0f;
 }
 
 void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
@@ -156,13 +163,31 @@ void over_blocks_by_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, 
 }
 
 #ifdef __AVX512F__
-// The 16 bytes of row p of a block (channel order).
-inline __m128i load_row16(const uint8_t* qj, int64_t p) {
-    const __m512i chunk = _mm512_loadu_si512(qj + (p >> 2) * 64);
-    const int r = int(p & 3);
-    const __m512i idx = _mm512_setr_epi32(r, 4 + r, 8 + r, 12 + r, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                          0, 0, 0);
-    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, chunk));
+// One chunk (64 bytes: pair rows p..p+3 of a block) -> 4 vectors of 16 dwords, dword c of
+// vector n = the bf16 pair (16 + q_2(p+n), 16 + q_2(p+n)+1) of channel c, which is also row n of
+// an AMX B tile. bf16(16 + q) = 0x4180 | (q << 3): per row one 32-bit shift brings the nibbles
+// of both words to bits 3..6, and a mask and an or (one VPTERNLOGD) finish the pairs.
+inline void chunk_pairs(const uint8_t* chunk, __m512i* out) {
+    const __m512i w = _mm512_loadu_si512(chunk);
+    const __m512i mask = _mm512_set1_epi32(0x00780078), one6 = _mm512_set1_epi32(0x41804180);
+    out[0] = _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi32(w, 3), mask), one6);
+    out[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 1), mask), one6);
+    out[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 5), mask), one6);
+    out[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w, 9), mask), one6);
+}
+
+// The fp32 values (16 + q) of k = 2p (lo) and 2p + 1 (hi) from one vector of chunk_pairs.
+inline __m512 pairs_lo(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+inline __m512 pairs_hi(__m512i v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// Dequantized fp32 weights of k = 2p and 2p + 1 from one vector of chunk_pairs: q s + b with
+// b = 16 s + b' given (vb), rounded once as the reference dequantization rounds it.
+inline void pairs_dequant(__m512i v, __m512 vs, __m512 vb, __m512& lo, __m512& hi) {
+    const __m512 sixteen = _mm512_set1_ps(16.f);
+    lo = _mm512_fmadd_ps(_mm512_sub_ps(pairs_lo(v), sixteen), vs, vb);
+    hi = _mm512_fmadd_ps(_mm512_sub_ps(pairs_hi(v), sixteen), vs, vb);
 }
 
 // fp32 outer product: one block of 16 channels, rows [m0, m0 + R) of x.
@@ -171,21 +196,19 @@ void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float*
                int64_t G, int64_t group, int64_t m0, float* out /* [R][16] */) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const __m128i lowmask = _mm_set1_epi8(0x0f);
-    const __m512 sixteen = _mm512_set1_ps(16.f);
     for (int64_t g = 0; g < G; ++g) {
         __m512 accg[R];
         for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
-        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-            const __m128i b = load_row16(qj, p);
-            const __m512 lo = _mm512_add_ps(
-                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, lowmask))), sixteen);
-            const __m512 hi = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), sixteen);
-            for (int r = 0; r < R; ++r) {
-                const float* xr = xf + (m0 + r) * K + 2 * p;
-                accg[r] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xr[0]), accg[r]);
-                accg[r] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xr[1]), accg[r]);
+        for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
+            __m512i w[4];
+            chunk_pairs(qj + p * 16, w);
+            for (int n = 0; n < 4; ++n) {
+                const __m512 lo = pairs_lo(w[n]), hi = pairs_hi(w[n]);
+                for (int r = 0; r < R; ++r) {
+                    const float* xr = xf + (m0 + r) * K + 2 * (p + n);
+                    accg[r] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xr[0]), accg[r]);
+                    accg[r] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xr[1]), accg[r]);
+                }
             }
         }
         const __m512 s = _mm512_loadu_ps(sbj + g * 32), bo = _mm512_loadu_ps(sbj + g * 32 + 16);
@@ -202,11 +225,15 @@ void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
     const int64_t G = K / group;
     std::vector<float> xf, xs;
     x_f32_and_group_sums(x, x_dt, M, K, group, xf, xs);
-    over_blocks_by_rows<4>(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
+    over_blocks_by_rows<8>(M, N, y, y_dt, nthreads, [&](int64_t j, int64_t m0, int R, float* out) {
         const uint8_t* qj = qb + j * (K / 2) * 16;
         const float* sbj = sb + j * G * 32;
 #ifdef __AVX512F__
         switch (R) {
+            case 8: block_fma<8>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            case 7: block_fma<7>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            case 6: block_fma<6>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
+            case 5: block_fma<5>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
             case 4: block_fma<4>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
             case 3: block_fma<3>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
             case 2: block_fma<2>(xf.data(), xs.data(), qj, sbj, K, G, group, m0, out); break;
@@ -220,9 +247,8 @@ void gemm_fma(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, 
                 for (int64_t g = 0; g < G; ++g) {
                     float accg = 0.f;
                     for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p) {
-                        const uint8_t byte = qj[byte_index(p, c)];
-                        accg += (16.f + float(byte & 0x0f)) * xr[2 * p] +
-                                (16.f + float(byte >> 4)) * xr[2 * p + 1];
+                        accg += (16.f + float(code_at(qj, p, c, 0))) * xr[2 * p] +
+                                (16.f + float(code_at(qj, p, c, 1))) * xr[2 * p + 1];
                     }
                     acc += sbj[g * 32 + c] * accg + sbj[g * 32 + 16 + c] * xs[(m0 + r) * G + g];
                 }
@@ -255,28 +281,9 @@ std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int
     return xs;
 }
 
-// 64 bytes (4 rows p of a block) -> 4 AMX B-tile rows: 16 dwords of bf16 (16 + q_lo, 16 + q_hi)
-// each. bf16(16 + q) = 0x41 : (0x80 + 8 q), so one in-lane byte lookup gives the low bytes and
-// byte interleaves (with the constant 0x41 high bytes) finish the rows (layout: byte_index).
-inline void codes_to_btile_rows(const uint8_t* chunk, __m512i* out) {
-    const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(
-        char(0x80), char(0x88), char(0x90), char(0x98), char(0xa0), char(0xa8), char(0xb0),
-        char(0xb8), char(0xc0), char(0xc8), char(0xd0), char(0xd8), char(0xe0), char(0xe8),
-        char(0xf0), char(0xf8)));
-    const __m512i m = _mm512_set1_epi8(0x0f), c41 = _mm512_set1_epi8(0x41);
-    const __m512i b = _mm512_loadu_si512(chunk);
-    const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(b, m));
-    const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(b, 4), m));
-    const __m512i r01 = _mm512_unpacklo_epi8(lo, hi), r23 = _mm512_unpackhi_epi8(lo, hi);
-    out[0] = _mm512_unpacklo_epi8(r01, c41);
-    out[1] = _mm512_unpackhi_epi8(r01, c41);
-    out[2] = _mm512_unpacklo_epi8(r23, c41);
-    out[3] = _mm512_unpackhi_epi8(r23, c41);
-}
-
 // bf16 x, up to 8 rows at a time (decode and small batches, and every M below the dense path
 // on CPUs without AMX): the codes become bf16 pairs (16 + q_2p, 16 + q_2p+1) in registers
-// (codes_to_btile_rows) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
+// (chunk_pairs) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
 // vector. U chunks of 4 pair rows per step give each row 2U independent accumulators (U = 2 for
 // up to 4 rows, so that few rows still keep enough dot products in flight).
 template <int R, int U>
@@ -290,7 +297,7 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
             for (int u = 0; u < 2 * U; ++u) a[r][u] = _mm512_setzero_ps();
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4 * U) {
             __m512i w[4 * U];
-            for (int u = 0; u < U; ++u) codes_to_btile_rows(qj + (p + 4 * u) * 16, w + 4 * u);
+            for (int u = 0; u < U; ++u) chunk_pairs(qj + (p + 4 * u) * 16, w + 4 * u);
             for (int r = 0; r < R; ++r) {
                 const int32_t* xp = reinterpret_cast<const int32_t*>(xb + r * K) + p;
                 for (int i = 0; i < 4 * U; ++i)
@@ -366,7 +373,7 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
         for (int64_t j = 0; j < NB; ++j) {
             const uint8_t* qj = qb + j * (K / 2) * 16;
             const float* sbj = sb + j * G * 32;
-            for (int64_t p = 0; p < K / 2; p += 4) codes_to_btile_rows(qj + p * 16, &btiles[size_t(p)]);
+            for (int64_t p = 0; p < K / 2; p += 4) chunk_pairs(qj + p * 16, &btiles[size_t(p)]);
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int rows = int(std::min<int64_t>(16, M - m0));
                 if (rows != configured) {
@@ -401,14 +408,11 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
     }
 }
 
-// One byte row of a block -> 16 VNNI pairs (w_2p, w_2p+1) of the dequantized weights in bf16
-// (w = (16 + q) s + b', rounded once), for the many-row path.
-inline __m512i pair_row_dequant(__m128i b, __m512 vs, __m512 vb, __m512i interleave) {
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m512 lo = _mm512_fmadd_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m))), vs, vb);
-    const __m512 hi = _mm512_fmadd_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m))), vs, vb);
+// One pair row (a vector of chunk_pairs) -> 16 VNNI pairs (w_2p, w_2p+1) of the dequantized
+// weights in bf16 (pairs_dequant, rounded once more to bf16), for the many-row path.
+inline __m512i pair_row_dequant(__m512i v, __m512 vs, __m512 vb, __m512i interleave) {
+    __m512 lo, hi;
+    pairs_dequant(v, vs, vb, lo, hi);
     // [lo0..lo15 | hi0..hi15] -> lo0 hi0 lo1 hi1 ...
     return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
@@ -440,9 +444,13 @@ void gemm_amx_dense_rows(const uint16_t* xb, int64_t M, int64_t K, const uint8_t
                     const __m512 vs = _mm512_loadu_ps(sbj + g * 32);
                     const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs,
                                                       _mm512_loadu_ps(sbj + g * 32 + 16));
-                    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; ++p)
-                        bt[size_t(b * steps * 16 + p)] = pair_row_dequant(load_row16(qj, p), vs,
-                                                                           vb, interleave);
+                    for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
+                        __m512i w[4];
+                        chunk_pairs(qj + p * 16, w);
+                        for (int n = 0; n < 4; ++n)
+                            bt[size_t(b * steps * 16 + p + n)] = pair_row_dequant(w[n], vs, vb,
+                                                                                   interleave);
+                    }
                 }
             }
             // 2 x 2 micro-kernel: rows m0..m0+31 (A0, A1) x the two blocks (B0, B1) -> C0..C3
@@ -527,30 +535,34 @@ int int4_cpu_features() {
     return f;
 }
 
-// canonical qweight int32 [N, K/8] -> qb uint8 [NB, K/2, 16] (see the top of this file).
+// canonical qweight int32 [N, K/8] -> qb uint8 [NB, K/2, 16] (see the top of this file). The
+// canonical byte p of channel n holds k = 2p (low nibble) and 2p + 1 (high nibble).
 int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, int nthreads) {
     if (K % 8) return 1;
     const int64_t NB = (N + 15) / 16, P = K / 2;
     const uint8_t* src = reinterpret_cast<const uint8_t*>(qweight);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t j = 0; j < NB; ++j)
-        for (int64_t p = 0; p < P; ++p)
-            for (int64_t c = 0; c < 16; ++c) {
-                const int64_t n = j * 16 + c;
-                qb[j * P * 16 + byte_index(p, c)] = n < N ? src[n * P + p] : 0;
-            }
+        for (int64_t p = 0; p < P; p += 2)  // rows p, p + 1 share each destination byte
+            for (int64_t c = 0; c < 16; ++c)
+                for (int h = 0; h < 2; ++h) {
+                    const int64_t n = j * 16 + c;
+                    const int lo = n < N ? (src[n * P + p] >> (4 * h)) & 0x0f : 0;
+                    const int hi = n < N ? (src[n * P + p + 1] >> (4 * h)) & 0x0f : 0;
+                    qb[j * P * 16 + code_byte(p, c, h)] = uint8_t(lo | (hi << 4));
+                }
     return 0;
 }
 
 // w^T as a dense [K, N] matrix in out_dt (w = q * s + b in fp32, rounded once), for the
-// large-M path that hands it to the BLAS GEMM. Byte row p of every block gives k = 2p, 2p+1, so
-// each thread writes whole rows of the output (a block's bytes are read with a stride).
+// large-M path that hands it to the BLAS GEMM. A chunk of every block gives k = 8t..8t+7, so
+// each thread writes whole rows of the output (a block's chunks are read with a stride).
 int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
                    void* out, int out_dt, int nthreads) {
-    if (group % 2 || K % group) return 1;
+    if (group % 8 || K % group) return 1;
     const int64_t G = K / group, NB = (N + 15) / 16, P = K / 2;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = 0; p < P; p += 4) {
         const int64_t g = 2 * p / group;
         for (int64_t j = 0; j < NB; ++j) {
             const uint8_t* qj = qb + j * P * 16;
@@ -562,38 +574,36 @@ int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int
                 const __m512 vs = _mm512_loadu_ps(s);
                 // (16 + q) s + b' = q s + b
                 const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs, _mm512_loadu_ps(bo));
-                const __m128i lowmask = _mm_set1_epi8(0x0f);
-                const __m128i b = load_row16(qj, p);
-                const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                    _mm_and_si128(b, lowmask))), vs, vb);
-                const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                    _mm_and_si128(_mm_srli_epi16(b, 4), lowmask))), vs, vb);
-                if (out_dt == F32) {
-                    _mm512_storeu_ps(static_cast<float*>(out) + (2 * p) * N + n0, lo);
-                    _mm512_storeu_ps(static_cast<float*>(out) + (2 * p + 1) * N + n0, hi);
-                } else {
-                    uint16_t* o = static_cast<uint16_t*>(out);
-                    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-                    __m512i u = _mm512_castps_si512(lo);
-                    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
-                        _mm512_srli_epi32(u, 16), one)));
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p) * N + n0),
-                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                    u = _mm512_castps_si512(hi);
-                    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
-                        _mm512_srli_epi32(u, 16), one)));
-                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + (2 * p + 1) * N + n0),
-                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                __m512i w[4];
+                chunk_pairs(qj + p * 16, w);
+                for (int n = 0; n < 4; ++n) {
+                    __m512 v[2];
+                    pairs_dequant(w[n], vs, vb, v[0], v[1]);
+                    for (int h = 0; h < 2; ++h) {
+                        const int64_t k = 2 * (p + n) + h;
+                        if (out_dt == F32) {
+                            _mm512_storeu_ps(static_cast<float*>(out) + k * N + n0, v[h]);
+                            continue;
+                        }
+                        uint16_t* o = static_cast<uint16_t*>(out);
+                        const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+                        __m512i u = _mm512_castps_si512(v[h]);
+                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
+                            _mm512_srli_epi32(u, 16), one)));
+                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * N + n0),
+                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                    }
                 }
                 continue;
             }
 #endif
-            for (int64_t c = 0; c < cols; ++c) {
-                const uint8_t byte = qj[byte_index(p, c)];
-                const float b = bo[c] + 16.f * s[c];
-                store_from_f32(out, (2 * p) * N + n0 + c, float(byte & 0x0f) * s[c] + b, out_dt);
-                store_from_f32(out, (2 * p + 1) * N + n0 + c, float(byte >> 4) * s[c] + b, out_dt);
-            }
+            for (int64_t pp = p; pp < p + 4; ++pp)
+                for (int64_t c = 0; c < cols; ++c) {
+                    const float b = bo[c] + 16.f * s[c];
+                    for (int h = 0; h < 2; ++h)
+                        store_from_f32(out, (2 * pp + h) * N + n0 + c,
+                                       float(code_at(qj, pp, c, h)) * s[c] + b, out_dt);
+                }
         }
     }
     return 0;
@@ -606,7 +616,7 @@ int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int
 int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
               int64_t N, int64_t group, void* y, int y_dt, int use_amx, int64_t dense_min_m,
               int64_t dp_max_m, int nthreads) {
-    if (group % 2 || K % group) return 1;
+    if (group % 8 || K % group) return 1;  // whole chunks (8 k) per group
     if (M == 0 || N == 0) return 0;
 #ifdef INT4_HAVE_AMX
     if (use_amx && x_dt == BF16 && group % 32 == 0 && dense_min_m > 0 && M >= dense_min_m) {
