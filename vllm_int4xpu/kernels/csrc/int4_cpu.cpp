@@ -286,6 +286,13 @@ std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int
 // (chunk_pairs) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
 // vector. U chunks of 4 pair rows per step give each row 2U independent accumulators (U = 2 for
 // up to 4 rows, so that few rows still keep enough dot products in flight).
+// acc += w . x's pair *x broadcast, the broadcast embedded in VDPBF16PS's memory operand: GCC
+// otherwise emits a separate VPBROADCASTD per product, which on Zen 4 competes with the dot
+// products for the vector pipes (10-17 % of the time at 16-128 rows, bench_cpu.py on an EPYC).
+inline void dp_bcast(__m512& acc, __m512i w, const int32_t* x) {
+    asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+}
+
 template <int R, int U>
 void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const float* sbj,
               int64_t K, int64_t G, int64_t group, float* out /* [R][16] */) {
@@ -300,9 +307,7 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
             for (int u = 0; u < U; ++u) chunk_pairs(qj + (p + 4 * u) * 16, w + 4 * u);
             for (int r = 0; r < R; ++r) {
                 const int32_t* xp = reinterpret_cast<const int32_t*>(xb + r * K) + p;
-                for (int i = 0; i < 4 * U; ++i)
-                    a[r][i % (2 * U)] = _mm512_dpbf16_ps(a[r][i % (2 * U)], (__m512bh)w[i],
-                                                         (__m512bh)_mm512_set1_epi32(xp[i]));
+                for (int i = 0; i < 4 * U; ++i) dp_bcast(a[r][i % (2 * U)], w[i], xp + i);
             }
         }
         const __m512 s = _mm512_loadu_ps(sbj + g * 32), bo = _mm512_loadu_ps(sbj + g * 32 + 16);
