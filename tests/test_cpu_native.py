@@ -117,8 +117,14 @@ def test_a_wrong_offset_is_caught():
     assert rel_err(lin(x), reference_linear(x, w)) > 1e-2
 
 
+def _clear_library_caches():
+    for f in (cpu_native.load_library, cpu_native.dp_built, cpu_native.fma_built,
+              cpu_native.amx_enabled):
+        f.cache_clear()
+
+
 def _fresh_library(monkeypatch, tmp_path, **env):
-    cpu_native.load_library.cache_clear()
+    _clear_library_caches()
     monkeypatch.setenv("VLLM_INT4XPU_CACHE", str(tmp_path / "cache"))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -127,9 +133,7 @@ def _fresh_library(monkeypatch, tmp_path, **env):
 @pytest.fixture
 def restore_library():
     yield
-    for f in (cpu_native.load_library, cpu_native.dp_built, cpu_native.fma_built,
-              cpu_native.amx_enabled):
-        f.cache_clear()
+    _clear_library_caches()
 
 
 @pytest.mark.parametrize("march,features", [("x86-64-v3", 0), ("x86-64-v4", 1)])
@@ -138,8 +142,6 @@ def test_builds_without_avx512_or_bf16_match_float64(monkeypatch, tmp_path, rest
     """The same source built for older CPUs: scalar loops (no AVX-512) and the AVX-512 FMA path
     for every dtype (no AVX512-BF16), through the same packed layout and the dense path."""
     _fresh_library(monkeypatch, tmp_path, VLLM_INT4XPU_CPU_NATIVE_MARCH=march)
-    for f in (cpu_native.dp_built, cpu_native.fma_built, cpu_native.amx_enabled):
-        f.cache_clear()
     lib, why = cpu_native.load_library()
     assert lib is not None, why
     assert lib.int4_cpu_features() == features

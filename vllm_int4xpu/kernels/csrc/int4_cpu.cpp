@@ -122,6 +122,17 @@ std::vector<float> group_sums(int64_t M, int64_t K, int64_t group, Load load) {
     return xs;
 }
 
+#ifdef __AVX512F__
+// 16 elements of x from element i on, as fp32 (bf16: a shift; fp16: F16C).
+inline __m512 load16_f32(const void* x, int64_t i, int dt) {
+    if (dt == F32) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+    const __m256i h = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+    return dt == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                      : _mm512_cvtph_ps(h);
+}
+#endif
+
 // x as fp32 [M, K] and its group sums [M, G] (rows spread over the threads).
 void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t group,
                           std::vector<float>& xf, std::vector<float>& xs, int nthreads) {
@@ -136,16 +147,7 @@ void x_f32_and_group_sums(const void* x, int dt, int64_t M, int64_t K, int64_t g
                 __m512 a = _mm512_setzero_ps();
                 for (int64_t k = g * group; k < (g + 1) * group; k += 16) {
                     const int64_t i = m * K + k;
-                    __m512 v;
-                    if (dt == F32) {
-                        v = _mm512_loadu_ps(static_cast<const float*>(x) + i);
-                    } else {
-                        const __m256i h = _mm256_loadu_si256(
-                            reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
-                        v = dt == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                             _mm512_cvtepu16_epi32(h), 16))
-                                       : _mm512_cvtph_ps(h);
-                    }
+                    const __m512 v = load16_f32(x, i, dt);
                     _mm512_storeu_ps(xf.data() + i, v);
                     a = _mm512_add_ps(a, v);
                 }
@@ -300,9 +302,7 @@ std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int
             const uint16_t* xg = xb + m * K + g * group;
             __m512 a = _mm512_setzero_ps();
             int64_t k = 0;
-            for (; k + 16 <= group; k += 16)
-                a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + k))), 16)));
+            for (; k + 16 <= group; k += 16) a = _mm512_add_ps(a, load16_f32(xg, k, BF16));
             float t = _mm512_reduce_add_ps(a);
             for (; k < group; ++k) t += bf16_to_f32(xg[k]);
             xs[m * G + g] = t;
@@ -310,11 +310,6 @@ std::vector<float> group_sums_bf16(const uint16_t* xb, int64_t M, int64_t K, int
     return xs;
 }
 
-// bf16 x, up to 8 rows at a time (decode and small batches, and every M below the dense path
-// on CPUs without AMX): the codes become bf16 pairs (16 + q_2p, 16 + q_2p+1) in registers
-// (chunk_pairs) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
-// vector. U chunks of 4 pair rows per step give each row 2U independent accumulators (U = 2 for
-// up to 4 rows, so that few rows still keep enough dot products in flight).
 // acc += w . x's pair *x broadcast, the broadcast embedded in VDPBF16PS's memory operand: GCC
 // otherwise emits a separate VPBROADCASTD per product, which on Zen 4 competes with the dot
 // products for the vector pipes (10-17 % of the time at 16-128 rows, bench_cpu.py on an EPYC).
@@ -322,6 +317,11 @@ inline void dp_bcast(__m512& acc, __m512i w, const int32_t* x) {
     asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
 }
 
+// bf16 x, up to 8 rows at a time (decode and small batches, and every M below the dense path
+// on CPUs without AMX): the codes become bf16 pairs (16 + q_2p, 16 + q_2p+1) in registers
+// (chunk_pairs) and VDPBF16PS multiplies them with x's pair broadcast, 16 channels per
+// vector. U chunks of 4 pair rows per step give each row 2U independent accumulators (U = 2 for
+// up to 4 rows, so that few rows still keep enough dot products in flight).
 template <int R, int U>
 void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const float* sbj,
               int64_t K, int64_t G, int64_t group, float* out /* [R][16] */) {
