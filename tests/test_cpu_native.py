@@ -107,6 +107,33 @@ def test_fp16_fp32_dense_path(monkeypatch, dtype):
     assert rel_err(outs["dense"], outs["fma"].double()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_outputs_rounded_as_torch_rounds(dtype, M):
+    """The kernel's own rounding of its fp32 results into bf16/fp16 y (vector stores, masked
+    for the last block of a ragged N) equals torch's rounding of the same fp32 results, bit
+    for bit, overflow to inf in fp16 included."""
+    lib, _ = cpu_native.load_library()
+    torch.manual_seed(9)
+    K, N, g = 256, 83, 64
+    w = quantize_rtn(torch.randn(N, K), g, ZeroKind.INT)
+    kern = cpu_native.CpuNativeKernel(Int4LinearSpec.of(w, dtype, "cpu"))
+    qb, sb, _ = (kern.prepare(w)[n] for n in kern.tensor_names)
+    x = torch.randn(M, K, dtype=dtype) * torch.logspace(-3, 4, M).to(dtype)[:, None]
+    ys = {}
+    for y_dtype in (torch.float32, dtype):
+        y = torch.full((M * N + 16,), 7.0, dtype=y_dtype)  # a guard past y, left alone
+        rc = lib.int4_gemm(x.data_ptr(), cpu_native._DT[dtype], M, K, qb.data_ptr(),
+                           sb.data_ptr(), N, g, y.data_ptr(), cpu_native._DT[y_dtype], 0, 0, -1,
+                           torch.get_num_threads())
+        assert rc == 0
+        assert (y[M * N:] == 7).all()
+        ys[y_dtype] = y[:M * N].view(M, N)
+    assert torch.equal(ys[dtype], ys[torch.float32].to(dtype))
+    if dtype == torch.float16 and M > 1:
+        assert ys[dtype].isinf().any()  # the largest rows overflow fp16
+
+
 def test_a_wrong_offset_is_caught():
     """The oracle check has teeth: one zero point off by one fails it."""
     torch.manual_seed(9)

@@ -172,9 +172,36 @@ inline int code_at(const uint8_t* qj, int64_t p, int64_t c, int h) {
     return (qj[code_byte(p, c, h)] >> code_shift(p)) & 0x0f;
 }
 
+// Up to 16 values (one block row) into y as its dtype, rounded as store_from_f32 rounds them
+// (vectors where AVX-512 has them: a scalar loop per element costs more than a short K's
+// whole GEMM at many rows).
 void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, const float* v) {
     const int64_t cols = std::min<int64_t>(16, N - n0);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __mmask16 m = __mmask16((1u << cols) - 1u);
+    const __m512 f = _mm512_maskz_loadu_ps(m, v);
+    const int64_t i = row * N + n0;
+    if (y_dt == F32) {
+        _mm512_mask_storeu_ps(static_cast<float*>(y) + i, m, f);
+        return;
+    }
+    __m256i h;
+    if (y_dt == BF16) {  // f32_to_bf16's integer rounding, NaN kept quiet
+        const __m512i u = _mm512_castps_si512(f);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+            _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+        h = _mm512_cvtepi32_epi16(r);
+    } else {
+        h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m, h);
+#else
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
+#endif
 }
 
 // The vector paths' loop: channel blocks spread over the threads, rows of x up to RB at a time;
