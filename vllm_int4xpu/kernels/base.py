@@ -52,11 +52,17 @@ class Int4LinearSpec:
         return self.group_size == self.in_features
 
     def key(self) -> str:
-        """A string form, so the spec can travel through a torch custom op."""
-        return ",".join([str(self.in_features), str(self.out_features), str(self.group_size),
+        """A string form, so the spec can travel through a torch custom op (made once: it is
+        passed on every call)."""
+        cached = self.__dict__.get("_key")
+        if cached is not None:
+            return cached
+        key = ",".join([str(self.in_features), str(self.out_features), str(self.group_size),
                          self.zero_kind.value, str(int(self.has_g_idx)),
                          str(self.act_dtype).replace("torch.", ""), self.device_type,
                          str(int(self.uneven_act_order))])
+        object.__setattr__(self, "_key", key)  # frozen: not a field, so eq/hash ignore it
+        return key
 
     @classmethod
     def from_key(cls, key: str) -> "Int4LinearSpec":

@@ -220,7 +220,10 @@ class CpuNativeKernel(Int4Kernel):
     def apply(self, tensors, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         qb, sb, perm = tensors
         lib, _ = load_library()
-        x = gather_act_order(x, perm).contiguous()
+        if perm.numel():
+            x = gather_act_order(x, perm)
+        if not x.is_contiguous():
+            x = x.contiguous()
         M, K = x.shape
         N = self.spec.out_features
         g, threads = self.spec.group_size, torch.get_num_threads()
