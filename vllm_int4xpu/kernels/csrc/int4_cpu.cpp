@@ -221,6 +221,13 @@ void over_blocks_by_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, 
 }
 
 #ifdef __AVX512F__
+// Software prefetch this many bytes ahead in a block's codes (blocks are contiguous, so it runs
+// on into the next block). Weights streamed once per call from memory (decode, layers too large
+// for the caches) otherwise arrive at the hardware prefetchers' pace: 10-40 % slower decode on a
+// 2-core Xeon (one SmolLM2 / 1B-Llama decode step of int4 linears, same run).
+constexpr int64_t PREFETCH_BYTES = 4096;
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 // One chunk (64 bytes: pair rows p..p+3 of a block) -> 4 vectors of 16 dwords, dword c of
 // vector n = the bf16 pair (16 + q_2(p+n), 16 + q_2(p+n)+1) of channel c, which is also row n of
 // an AMX B tile. bf16(16 + q) = 0x4180 | (q << 3): per row one 32-bit shift brings the nibbles
@@ -257,8 +264,11 @@ void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float*
     for (int64_t g = 0; g < G; ++g) {
         __m512 accg[R];
         for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
+        prefetch(sbj + (g + 4) * 32);
+        prefetch(sbj + (g + 4) * 32 + 16);
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
             __m512i w[4];
+            prefetch(qj + p * 16 + PREFETCH_BYTES);
             chunk_pairs(qj + p * 16, w);
             for (int n = 0; n < 4; ++n) {
                 const __m512 lo = pairs_lo(w[n]), hi = pairs_hi(w[n]);
@@ -358,8 +368,11 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
         __m512 a[R][2 * U];
         for (int r = 0; r < R; ++r)
             for (int u = 0; u < 2 * U; ++u) a[r][u] = _mm512_setzero_ps();
+        prefetch(sbj + (g + 4) * 32);
+        prefetch(sbj + (g + 4) * 32 + 16);
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4 * U) {
             __m512i w[4 * U];
+            for (int u = 0; u < U; ++u) prefetch(qj + (p + 4 * u) * 16 + PREFETCH_BYTES);
             for (int u = 0; u < U; ++u) chunk_pairs(qj + (p + 4 * u) * 16, w + 4 * u);
             for (int r = 0; r < R; ++r) {
                 const int32_t* xp = reinterpret_cast<const int32_t*>(xb + r * K) + p;
@@ -434,7 +447,10 @@ void gemm_amx(const uint16_t* xb, int64_t M, int64_t K, const uint8_t* qb, const
         for (int64_t j = 0; j < NB; ++j) {
             const uint8_t* qj = qb + j * (K / 2) * 16;
             const float* sbj = sb + j * G * 32;
-            for (int64_t p = 0; p < K / 2; p += 4) chunk_pairs(qj + p * 16, &btiles[size_t(p)]);
+            for (int64_t p = 0; p < K / 2; p += 4) {
+                prefetch(qj + p * 16 + PREFETCH_BYTES);
+                chunk_pairs(qj + p * 16, &btiles[size_t(p)]);
+            }
             for (int64_t m0 = 0; m0 < M; m0 += 16) {
                 const int rows = int(std::min<int64_t>(16, M - m0));
                 if (rows != configured) {
@@ -507,6 +523,7 @@ void gemm_amx_dense_rows(const uint16_t* xb, int64_t M, int64_t K, const uint8_t
                                                       _mm512_loadu_ps(sbj + g * 32 + 16));
                     for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
                         __m512i w[4];
+                        prefetch(qj + p * 16 + PREFETCH_BYTES);
                         chunk_pairs(qj + p * 16, w);
                         for (int n = 0; n < 4; ++n)
                             bt[size_t(b * steps * 16 + p + n)] = pair_row_dequant(w[n], vs, vb,
