@@ -43,7 +43,9 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
 # Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
 # (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_sweep_gemv_serial_h100.txt,
-# bench_moe_h200.json).
+# bench_moe_h200.json). Program order (GROUP_M 8 / all rows) and PDL, each row on an H100
+# (--sweep-set order_pdl, benchmarks/results/bench_moe_sweep_order_pdl_h100.txt): no row
+# moved by more than the run-to-run spread, so both stay at their defaults (GROUP_M 1, no PDL).
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3)
 MOE_CONFIGS = {
