@@ -7,6 +7,9 @@ Usage: python benchmarks/bench_cpu.py [--preset smollm2|1b|8b | --shapes 576x153
 Prints median milliseconds per call and ratios taken in this one run. Columns:
 
 * ``bf16``: ``F.linear`` with a dense weight in the activation dtype (``--dtype``, default bf16).
+* ``dense``: vLLM's own dense CPU linear, what vLLM-CPU runs for an unquantized layer: oneDNN
+  with the weight prepacked once (``ops.create_onednn_mm`` / ``ops.onednn_mm``); faster than
+  ``F.linear`` at small M, which packs the weight on every call.
 * ``ours``: our int4 linear as the plugin's selector dispatches it on this machine
   (``select_kernel(spec)``, e.g. ``cpu_native``; ``VLLM_INT4XPU_BACKEND`` forces one), through
   its kernel class: ``prepare`` once, then ``apply``. The header names the backend.
@@ -17,8 +20,11 @@ Prints median milliseconds per call and ratios taken in this one run. Columns:
 * ``vllm8``: the same vLLM kernel's W4A8 path (``ops.int4_scaled_mm_cpu``, int8 activations),
   which vLLM-CPU takes for bf16 on AMX CPUs unless ``VLLM_CPU_INT4_W4A8=0``.
 
-vLLM is imported only for the two vLLM columns; without it they read n/a. ``x bf16``, ``x v16``,
-``x v8``, ``x cpu``: speed of ours relative to that column (> 1: ours is faster). ``err`` columns
+vLLM is imported only for the three vLLM columns; without it they read n/a. ``x bf16``,
+``x dns``, ``x v16``, ``x v8``, ``x cpu``: speed of ours relative to that column (> 1: ours is
+faster). Every column of one row is timed round-robin (one call each, ``--reps`` times; the
+median per column), so that a machine whose speed drifts within seconds (shared VMs) moves them
+together. ``err`` columns
 are the relative error against the float64 reference (``reference_linear``), for M <=
 --err-max-m.
 """
@@ -47,15 +53,27 @@ DEFAULT_SHAPES = "576x1536,1536x576,2048x8192"
 DEFAULT_MS = "1,2,4,8,16,32,64,128,384,1024"
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def median_ms_interleaved(fns: dict, reps: int) -> dict:
+    """Median ms per call of each fn, timed round-robin (one call of each per round)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def vllm_dense(w: torch.Tensor):
+    """vLLM-CPU's unquantized linear on this weight (oneDNN, prepacked), or why not."""
+    try:
+        from vllm import _custom_ops as ops
+        handler = ops.create_onednn_mm(w.t(), 32)
+    except Exception as e:  # no vLLM, or a build without oneDNN
+        return f"vLLM's oneDNN linear unavailable ({type(e).__name__})"
+    return lambda x: ops.onednn_mm(handler, x, None)
 
 
 # ------------------------------------------------------------------------- torch's int4 op
@@ -187,7 +205,7 @@ def main() -> None:
     K0, N0 = map(int, shapes.split(",")[0].split("x"))
     if not verify_vllm_anchor(K0, N0, args.group, dt):
         raise SystemExit("vLLM anchor disagrees with reference_linear")
-    cols = ["bf16", "ours", "cpu", "op", "vllm16", "vllm8"]
+    cols = ["bf16", "dense", "ours", "cpu", "op", "vllm16", "vllm8"]
     err_cols = ("ours", "cpu", "vllm16", "vllm8")
     for shape in shapes.split(","):
         K, N = map(int, shape.split("x"))
@@ -199,7 +217,7 @@ def main() -> None:
         if shape == shapes.split(",")[0]:
             print(f"ours = backend {ours_cls.name!r} ({ours_cls.__module__}.{ours_cls.__name__})")
             print(f"{'K x N':>12} {'M':>5} " + " ".join(f"{c + ' ms':>9}" for c in cols)
-                  + f" {'x bf16':>9} {'x v16':>9} {'x v8':>9} {'x cpu':>9}"
+                  + f" {'x bf16':>9} {'x dns':>9} {'x v16':>9} {'x v8':>9} {'x cpu':>9}"
                   + " " + " ".join(f"{'err ' + c.replace('vllm', 'v'):>9}" for c in err_cols))
         kern, prepared = None, {}
         if CpuKernel.can_implement(spec)[0]:
@@ -208,8 +226,10 @@ def main() -> None:
             tensors = [prepared[n] for n in CpuKernel.tensor_names]
         # torch's op on the cpu backend's own packing (same limits)
         packed, scale_zero = (prepared["packed"], prepared["scale_zero"]) if kern else (None, None)
+        wd = torch.randn(N, K, dtype=dt)
         paths = {
-            "bf16": (lambda wb: lambda x: F.linear(x, wb))(torch.randn(N, K, dtype=dt)),
+            "bf16": lambda x: F.linear(x, wd),
+            "dense": vllm_dense(wd),
             "ours": lambda x: ours.apply(ours_t, x),
             "cpu": (lambda x: kern.apply(tensors, x)) if kern else None,
             "op": (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, args.group, scale_zero))
@@ -221,7 +241,9 @@ def main() -> None:
         w64 = None
         for M in map(int, args.ms.split(",")):
             x = torch.randn(M, K, dtype=dt)
-            ms = {c: (median_ms(lambda: fn(x), args.reps) if fn else "n/a") for c, fn in paths.items()}
+            ms = {c: "n/a" for c in cols}
+            ms.update(median_ms_interleaved(
+                {c: (lambda fn=fn: fn(x)) for c, fn in paths.items() if fn}, args.reps))
             errs = {}
             if M <= args.err_max_m:
                 if w64 is None:
@@ -234,7 +256,8 @@ def main() -> None:
 
             print(f"{shape:>12} {M:>5} " + " ".join(fmt(ms[c]) for c in cols)
                   + " " + " ".join(fmt(ratio(a, b), "9.2f") for a, b in
-                                   (("ours", "bf16"), ("ours", "vllm16"), ("ours", "vllm8"), ("ours", "cpu")))
+                                   (("ours", "bf16"), ("ours", "dense"), ("ours", "vllm16"),
+                                    ("ours", "vllm8"), ("ours", "cpu")))
                   + " " + " ".join(fmt(errs.get(c, "-"), "9.1e") for c in err_cols),
                   flush=True)
 
