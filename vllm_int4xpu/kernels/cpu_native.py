@@ -220,8 +220,7 @@ class CpuNativeKernel(Int4Kernel):
     def apply(self, tensors, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         qb, sb, perm = tensors
         lib, _ = load_library()
-        if perm.numel():
-            x = gather_act_order(x, perm)
+        x = gather_act_order(x, perm)
         if not x.is_contiguous():
             x = x.contiguous()
         M, K = x.shape

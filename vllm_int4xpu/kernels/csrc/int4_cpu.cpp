@@ -227,6 +227,11 @@ void over_blocks_by_rows(int64_t M, int64_t N, void* y, int y_dt, int nthreads, 
 // 2-core Xeon (one SmolLM2 / 1B-Llama decode step of int4 linears, same run).
 constexpr int64_t PREFETCH_BYTES = 4096;
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+// The scale and offset rows (2 x 64 bytes) of the group 4 groups after g of a block.
+inline void prefetch_group_scales(const float* sbj, int64_t g) {
+    prefetch(sbj + (g + 4) * 32);
+    prefetch(sbj + (g + 4) * 32 + 16);
+}
 
 // One chunk (64 bytes: pair rows p..p+3 of a block) -> 4 vectors of 16 dwords, dword c of
 // vector n = the bf16 pair (16 + q_2(p+n), 16 + q_2(p+n)+1) of channel c, which is also row n of
@@ -264,8 +269,7 @@ void block_fma(const float* xf, const float* xs, const uint8_t* qj, const float*
     for (int64_t g = 0; g < G; ++g) {
         __m512 accg[R];
         for (int r = 0; r < R; ++r) accg[r] = _mm512_setzero_ps();
-        prefetch(sbj + (g + 4) * 32);
-        prefetch(sbj + (g + 4) * 32 + 16);
+        prefetch_group_scales(sbj, g);
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4) {
             __m512i w[4];
             prefetch(qj + p * 16 + PREFETCH_BYTES);
@@ -368,8 +372,7 @@ void block_dp(const uint16_t* xb, const float* xs, const uint8_t* qj, const floa
         __m512 a[R][2 * U];
         for (int r = 0; r < R; ++r)
             for (int u = 0; u < 2 * U; ++u) a[r][u] = _mm512_setzero_ps();
-        prefetch(sbj + (g + 4) * 32);
-        prefetch(sbj + (g + 4) * 32 + 16);
+        prefetch_group_scales(sbj, g);
         for (int64_t p = g * group / 2; p < (g + 1) * group / 2; p += 4 * U) {
             __m512i w[4 * U];
             for (int u = 0; u < U; ++u) prefetch(qj + (p + 4 * u) * 16 + PREFETCH_BYTES);
