@@ -53,8 +53,8 @@ def graph_copies(nbytes, most=48):
 
 
 # ------------------------------------------------------------------------------------ timing
-def time_graph(fns, reps=20):
-    """Median µs per call of a CUDA graph that calls each fn once (one per weight copy)."""
+def _capture(fns):
+    """A CUDA graph that calls each fn once (warmed up outside capture first)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -66,25 +66,52 @@ def time_graph(fns, reps=20):
     with torch.cuda.graph(g):
         for f in fns:
             f()
-    # replays for >= 50 ms before timing: the first item timed after a pause (inputs, the
-    # float64 reference) otherwise reads up to ~10 % slow on the short decode graphs (the same
-    # config timed first and again later in one sweep: 94-96 vs 85-87 µs, H100)
-    t_end = time.perf_counter() + 0.05
+    return g
+
+
+def _replay_for(graphs, seconds=0.05):
+    """Replays the graphs in turn for >= ``seconds``: the first item timed after a pause
+    (inputs, the float64 reference) otherwise reads up to ~10 % slow on the short decode graphs
+    (the same config timed first and again later in one sweep: 94-96 vs 85-87 µs, H100)."""
+    t_end = time.perf_counter() + seconds
     n = 0
     while n < 3 or time.perf_counter() < t_end:
-        g.replay()
+        for g in graphs:
+            g.replay()
         torch.cuda.synchronize()
         n += 1
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+
+
+def _time_replay(g, calls):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / calls
+
+
+def time_graph(fns, reps=20):
+    """Median µs per call of a CUDA graph that calls each fn once (one per weight copy)."""
+    g = _capture(fns)
+    _replay_for([g])
+    times = [_time_replay(g, len(fns)) for _ in range(reps)]
     del g
     return statistics.median(times)
+
+
+def time_graphs_interleaved(named_fns, reps=20):
+    """{name: median µs per call} for several contenders timed round-robin: each a graph as in
+    :func:`time_graph`, all warmed up together, then one replay of each per round, so clock and
+    thermal drift fall on every contender alike and none is favoured by its place in the row."""
+    graphs = {name: (_capture(fns), len(fns)) for name, fns in named_fns.items()}
+    _replay_for([g for g, _ in graphs.values()], seconds=0.1)
+    times = {name: [] for name in graphs}
+    for _ in range(reps):
+        for name, (g, n) in graphs.items():
+            times[name].append(_time_replay(g, n))
+    graphs = None
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure_floors():

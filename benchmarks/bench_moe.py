@@ -14,8 +14,8 @@ are torch ops (``silu(gate) * up``, ``sum(dim=1)``).
 
 Method: symmetric group-128 int4 weights (fp16 scales), fp16 activations, uniform random top-k
 routing. Each timed graph holds C x R calls, over C copies of the weights and R routings (L2
-defeat: every call reads weights L2 has not just seen), timed by CUDA events over graph replays
-(median of 15). Floor = max(bytes / copy bandwidth, FLOPs / peak), bytes = distinct experts hit
+defeat: every call reads weights L2 has not just seen), timed by CUDA events over graph replays,
+the row's contenders round-robin (median of 20). Floor = max(bytes / copy bandwidth, FLOPs / peak), bytes = distinct experts hit
 x bytes per expert (the kernel's own format) + activations; both ceilings measured in this run.
 Every kernel's output is checked against the float64 oracle before timing.
 """
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import time_graph  # noqa: E402  (median µs per call of a CUDA graph)
+from bench_kernels import time_graph, time_graphs_interleaved  # noqa: E402
 from vllm_int4xpu.kernels.moe_base import Int4MoESpec  # noqa: E402
 from vllm_int4xpu.kernels.moe_triton import TritonMoEKernel, choose_moe_config  # noqa: E402
 from vllm_int4xpu.kernels.triton_kernels.fused_moe import sort_pairs  # noqa: E402
@@ -195,7 +195,7 @@ def rel(y, ref):
 # fastest is reported with its config, and MOE_CONFIGS holds the winners.
 SWEEP = {
     # gemv: each launch shape with K tiles of one group (128), two and four groups
-    "gemv": [dict(c, BLOCK_K_13=bk, BLOCK_K_2=bk) for bk in (128, 256, 512) for c in (
+    "gemv": [dict(c, path="gemv", BLOCK_K_13=bk, BLOCK_K_2=bk) for bk in (128, 256, 512) for c in (
         dict(BLOCK_N_13=64, warps_13=2, BLOCK_N_2=64, SPLIT_K=4, warps_2=2),
         dict(BLOCK_N_13=32, warps_13=1, BLOCK_N_2=64, SPLIT_K=8, warps_2=2),
         dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2),
@@ -223,6 +223,37 @@ SWEEP = {
     # every row: program order (8 rows, or all rows, walking the N tiles together), each with
     # and without PDL between gate_up and down
     "order_pdl": [dict(GROUP_M=g, **pdl) for pdl in ({}, dict(PDL=True)) for g in (8, 1024)],
+    # decode rows on the tensor-core path (BLOCK_M 16, sorted blocks: each expert's weight read
+    # once however many of its pairs there are), the down GEMM split along its K in 1..4;
+    # run with --sweep-set decode_dot
+    "decode_dot": [dict(path="dot", FRAG=2, BLOCK_M=16, **c) for c in (
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1,
+             warps_2=4, stages=3),
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=2,
+             warps_2=4, stages=3),
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2,
+             warps_2=4, stages=3),
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=4,
+             warps_2=4, stages=3),
+        dict(BLOCK_N_13=32, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=4,
+             warps_2=4, stages=3),
+        dict(BLOCK_N_13=32, BLOCK_K_13=128, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=128, SPLIT_K=2,
+             warps_2=2, stages=4),
+        dict(BLOCK_N_13=128, BLOCK_K_13=64, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=128, SPLIT_K=2,
+             warps_2=4, stages=4),
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1,
+             warps_2=4, stages=4))],
+    # gemv walking the pairs in expert order (SORTED) with GROUP_M sorted pairs walking the N
+    # tiles together, so the pairs of one expert read each weight tile from memory once and
+    # share it through L2; run with --sweep-set sorted_group
+    "sorted_group": [dict(path="gemv", SORTED=True, SERIAL=False, GROUP_M=g, **c)
+                     for g in (1, 8, 64) for c in (
+        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
+             warps_2=1),
+        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=1, BLOCK_N_2=128, BLOCK_K_2=128, SPLIT_K=4,
+             warps_2=2),
+        dict(BLOCK_N_13=32, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
+             warps_2=2))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
@@ -296,7 +327,8 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
             def ours(c, r, cand=cand):
                 return kern.apply(ours_t[c], xs[r], *routs[r], config=cand)
             try:
-                err, us = rel(ours(0, 0), ref), time_graph(calls(ours))
+                err = rel(ours(0, 0), ref)
+                us = time_graph(calls(ours)) if sweep else float("nan")
             except Exception as e:  # a candidate Triton cannot compile: report, go on
                 if not sweep:
                     raise
@@ -306,7 +338,13 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
                 print(f"  sweep {name} M={M}: {us:8.1f} us  err {err:.1e}  {cand}", flush=True)
             if best is None or us < best[0]:
                 best = (us, err, cand)
-        row["us_ours"], row["err_ours"], row["config_ours"] = best
+        row["err_ours"], row["config_ours"] = best[1], best[2]
+
+        def ours_best(c, r):
+            return kern.apply(ours_t[c], xs[r], *routs[r], config=best[2])
+        # the row's contenders timed round-robin (time_graphs_interleaved): ours with the chosen
+        # launch row, and the anchors as run and presorted
+        contenders = {"ours": calls(ours_best)}
         if anchor is not None:
             def v4(c, r):
                 return vllm_moe(anchor, "int4", v4_w[c], xs[r], *routs[r], E, group)
@@ -314,9 +352,7 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
             def vd(c, r):
                 return vllm_moe(anchor, "dense", vd_w[c], xs[r], *routs[r], E, group)
             row["err_vllm_int4"] = rel(v4(0, 0), ref)
-            row["us_vllm_int4"] = time_graph(calls(v4))
             row["err_vllm_dense"] = rel(vd(0, 0), ref)
-            row["us_vllm_dense"] = time_graph(calls(vd))
             # the same with the token sort done before the graph (vLLM sorts with one C++ op;
             # the torch sort here is ~15 small kernels): the anchors' GEMM + activation + sum only
             pre = {kind: [sort_pairs(routs[r][1], E, anchor_block_m(kind, M, E))
@@ -327,8 +363,10 @@ def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, grou
 
             def vdp(c, r):
                 return vllm_moe(anchor, "dense", vd_w[c], xs[r], *routs[r], E, group, pre["dense"][r])
-            row["us_vllm_int4_presorted"] = time_graph(calls(v4p))
-            row["us_vllm_dense_presorted"] = time_graph(calls(vdp))
+            contenders.update(vllm_int4=calls(v4), vllm_dense=calls(vd),
+                              vllm_int4_presorted=calls(v4p), vllm_dense_presorted=calls(vdp))
+        for who, us in time_graphs_interleaved(contenders).items():
+            row[f"us_{who}"] = us
         row["pct_floor_ours"] = 100 * floor4 / row["us_ours"]
         if anchor is not None:
             row["pct_floor_vllm_int4"] = 100 * floor4 / row["us_vllm_int4"]

@@ -249,12 +249,23 @@ def test_sort_pairs_blocks_and_padding(monkeypatch):
 def test_dispatch_rule():
     assert mt.choose_moe_config(8, 128, 2048, 768)["path"] == "gemv"  # 1 token, Qwen3-30B-A3B
     assert mt.choose_moe_config(2, 8, 4096, 14336)["path"] == "gemv"  # 1 token, Mixtral
-    # the down GEMM reduces itself at few pairs; at 16 Qwen tokens (128 pairs) the reduce launch
-    # is kept (the last arrival would sum 8 slots x 8 splits)
+    # the gemv down GEMM reduces itself (at most SERIAL_PAIRS pairs); the dot path never does
     assert mt.choose_moe_config(8, 128, 2048, 768)["SERIAL"]
     assert mt.choose_moe_config(8, 8, 4096, 14336)["SERIAL"]
-    assert not mt.choose_moe_config(128, 128, 2048, 768)["SERIAL"]
-    assert "SERIAL_PAIRS" not in mt.choose_moe_config(8, 128, 2048, 768)
+    assert not mt.choose_moe_config(64, 128, 2048, 768)["SERIAL"]
+    for key in mt._ROW_KEYS:
+        assert key not in mt.choose_moe_config(8, 128, 2048, 768)
+        assert key not in mt.choose_moe_config(32, 8, 4096, 14336)
+    # ~1 pair per expert: gemv for a few pairs, sorted blocks once there are enough (MAX_PAIRS)
+    assert mt.choose_moe_config(32, 128, 2048, 768)["path"] == "gemv"  # 4 Qwen tokens
+    assert mt.choose_moe_config(8, 8, 4096, 14336)["path"] == "gemv"  # 4 Mixtral tokens
+    assert mt.choose_moe_config(128, 128, 2048, 768)["path"] == "dot"  # 16 Qwen tokens
+    # a down GEMM of few programs splits K (FEW_PROGRAMS); one of many does not
+    few = mt.choose_moe_config(32, 8, 4096, 14336)  # 16 Mixtral tokens: ~10 blocks x 32 tiles
+    assert few["path"] == "dot" and few["SPLIT_K"] == 2 and few["BLOCK_N_2"] == 64
+    assert mt.choose_moe_config(128, 128, 2048, 768)["SPLIT_K"] == 1
+    for pairs, E in ((32, 8), (128, 128), (32768, 128)):
+        assert mt._max_blocks(pairs, E, 16) == fm.max_blocks(pairs, E, 16)
     big = mt.choose_moe_config(4096 * 8, 128, 2048, 768)
     assert big["path"] == "dot" and big["BLOCK_M"] >= 32
     for pairs in (1, 8, 64, 512, 4096, 32768):  # every row is complete

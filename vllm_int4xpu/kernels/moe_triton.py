@@ -40,38 +40,64 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # a gemv BLOCK_K above the group size makes K tiles of several whole groups where K allows.
 # SERIAL_PAIRS (gemv): up to this many pairs the down GEMM reduces into y itself (``SERIAL``,
 # no reduce launch); above it the last arrival would sum too many partials (top_k x SPLIT_K).
+# MAX_PAIRS (gemv): from this many pairs on the next row (dot) serves: a gemv program reads its
+# expert's weight for its own pair, so once experts hold ~1.5 pairs each and there are enough
+# pairs to amortize the token sort, reading each weight once per block wins (Qwen3-30B-A3B at 16
+# tokens: 123 vs 155 µs), while 8 pairs on Mixtral's large experts stay faster on gemv (275 vs
+# 286 µs). FEW_PROGRAMS (dot): the down launch used where the down GEMM would have fewer than
+# 4 programs per SM (DOWN_MIN_PROGRAMS) with BLOCK_N_2 128: narrower N tiles and K split in two
+# (Mixtral-8x7B at 16 and 64 tokens: 406 vs 426 and 442 vs 467 µs).
 # Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
 # Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
 # (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_sweep_gemv_serial_h100.txt,
-# bench_moe_h200.json). Program order (GROUP_M 8 / all rows) and PDL, each row on an H100
-# (--sweep-set order_pdl, benchmarks/results/bench_moe_sweep_order_pdl_h100.txt): no row
-# moved by more than the run-to-run spread, so both stay at their defaults (GROUP_M 1, no PDL).
+# bench_moe_h200.json), the decode dot rows, MAX_PAIRS and FEW_PROGRAMS on an H100
+# (--sweep-set decode_dot, bench_moe_sweep_decode_dot_h100.txt). Program order (GROUP_M 8 / all
+# rows) and PDL, each row on an H100 (--sweep-set order_pdl,
+# benchmarks/results/bench_moe_sweep_order_pdl_h100.txt): no row moved by more than the
+# run-to-run spread, so both stay at their defaults (GROUP_M 1, no PDL).
+DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
-            SPLIT_K=1, warps_2=4, FRAG=2, stages=3)
+            SPLIT_K=1, warps_2=4, FRAG=2, stages=3,
+            FEW_PROGRAMS=dict(BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2))
 MOE_CONFIGS = {
     "cuda": [
         (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4,
                      BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2, SERIAL_PAIRS=1 << 30)),
         (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1,
-                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, SERIAL_PAIRS=64)),
+                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, SERIAL_PAIRS=64,
+                   MAX_PAIRS=64)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
         (384.0, dict(_DOT, BLOCK_M=64)),
         (float("inf"), dict(_DOT, BLOCK_M=128)),
     ],
 }
+_ROW_KEYS = ("SERIAL_PAIRS", "MAX_PAIRS", "FEW_PROGRAMS")
+
+
+def _max_blocks(pairs: int, num_experts: int, block_m: int) -> int:
+    """``fused_moe.max_blocks`` (the sort's fixed block count) without importing Triton."""
+    return min(-(-(pairs + num_experts * (block_m - 1)) // block_m),
+               min(num_experts, pairs) + pairs // block_m)
 
 
 @functools.lru_cache(maxsize=1024)
 def choose_moe_config(pairs: int, num_experts: int, hidden: int, intermediate: int,
                       family: str = "cuda") -> dict:
     """THE dispatch rule: the launch row for ``pairs`` = M * top_k routed rows over
-    ``num_experts``, by rows per expert (decode: ~1 per expert -> gemv; prefill -> dot)."""
+    ``num_experts``, by rows per expert (decode: ~1 per expert -> gemv; prefill -> dot) and, at
+    the edges, by pairs (MAX_PAIRS) and the down GEMM's program count (FEW_PROGRAMS)."""
     rows = MOE_CONFIGS.get(family, MOE_CONFIGS["cuda"])
     per_expert = pairs / num_experts
-    row = next((r for limit, r in rows if per_expert <= limit), rows[-1][1])
-    cfg = {k: v for k, v in row.items() if k != "SERIAL_PAIRS"}
+    row = next((r for limit, r in rows
+                if per_expert <= limit and pairs < r.get("MAX_PAIRS", float("inf"))),
+               rows[-1][1])
+    cfg = {k: v for k, v in row.items() if k not in _ROW_KEYS}
     cfg["SERIAL"] = pairs <= row.get("SERIAL_PAIRS", 0)
+    if "FEW_PROGRAMS" in row:
+        n_tiles = -(-hidden // row["BLOCK_N_2"])
+        if _max_blocks(pairs, num_experts, row["BLOCK_M"]) * n_tiles < DOWN_MIN_PROGRAMS:
+            cfg.update(row["FEW_PROGRAMS"])
     return cfg
 
 
