@@ -3,7 +3,8 @@ float64 oracle: both zero-point kinds and symmetric, every group size (the AMX p
 with groups of 32k, the AVX512-BF16 dot-product path bf16 otherwise and every bf16 M below the
 dense path without AMX, the FMA path fp16/fp32), per-channel, ragged M (row blocks of 8 and 16)
 and N (blocks of 16 channels), three activation dtypes, act-order; every path against the
-others; and the fallback when the library cannot be built."""
+others; the C++ torch op layers call (``int4xpu::cpu_native_mm``) against the Python path; and
+the fallback when a library cannot be built."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from vllm_int4xpu.kernels import Int4Linear, Int4LinearSpec, select_kernel
 from vllm_int4xpu.kernels import cpu_native
+from vllm_int4xpu.kernels.ops import int4_linear
 from vllm_int4xpu.weight import ZeroKind, quantize_rtn, reference_linear
 
 KINDS = [ZeroKind.NONE, ZeroKind.INT, ZeroKind.FLOAT]
@@ -144,9 +146,109 @@ def test_a_wrong_offset_is_caught():
     assert rel_err(lin(x), reference_linear(x, w)) > 1e-2
 
 
+def _op_layer(w, dtype):
+    kern = cpu_native.CpuNativeKernel(Int4LinearSpec.of(w, dtype, "cpu"))
+    prepared = kern.prepare(w)
+    return kern, [prepared[n] for n in kern.tensor_names]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind,group,act_order", [(ZeroKind.INT, 64, False),
+                                                  (ZeroKind.FLOAT, 32, True),
+                                                  (ZeroKind.NONE, -1, False),
+                                                  (ZeroKind.INT, 128, True)])
+def test_torch_op_equals_the_python_path(dtype, kind, group, act_order):
+    """The C++ op ``int4xpu::cpu_native_mm`` (what vLLM layers call) is the computation of
+    ``CpuNativeKernel.apply`` (the ``int4xpu::linear`` path), bit for bit, and matches float64:
+    every M path (from DP_DENSE_MIN_M rows bf16 dequantizes for torch's GEMM where AMX does not
+    take it), act-order, bias, 3-D x."""
+    torch.manual_seed(abs(group) + len(kind.value))
+    K, N = 256, 83
+    w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=torch.bfloat16)
+    if act_order:
+        w.g_idx = (torch.randperm(K) // group).to(torch.int32)
+    kern, tensors = _op_layer(w, dtype)
+    args = kern.op_args()
+    assert args is not None, cpu_native.load_op()
+    bias = torch.randn(N, dtype=dtype)
+    for M in (1, 2, 9, 17, cpu_native.DP_DENSE_MIN_M + 3):
+        x = torch.randn(M, K, dtype=dtype)
+        y = int4_linear(x, tensors, "cpu_native", kern.spec, bias, args)
+        assert y.dtype == dtype and torch.equal(y, kern.apply(tensors, x, bias)), M
+        assert rel_err(y, reference_linear(x.double(), w, bias.double())) < TOL[dtype], M
+    x3 = torch.randn(2, 5, K, dtype=dtype)
+    y3 = int4_linear(x3, tensors, "cpu_native", kern.spec, None, args)
+    assert y3.shape == (2, 5, N)
+    assert torch.equal(y3.reshape(-1, N), kern.apply(tensors, x3.reshape(-1, K)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_torch_op_dense_path(monkeypatch, dtype):
+    """The op's dense branch (w^T dequantized into its reused buffer, torch's GEMM; fp16 in
+    fp32) forced from 2 rows, against the Python path's and float64; a larger layer after a
+    smaller one regrows the buffer."""
+    for name in ("DP_DENSE_MIN_M", "FMA_DENSE_MIN_M", "DENSE_MIN_M"):
+        monkeypatch.setattr(cpu_native, name, 2)
+    monkeypatch.setattr(cpu_native, "amx_enabled", lambda: False)
+    torch.manual_seed(11)
+    for K, N in ((128, 40), (320, 72)):
+        w = quantize_rtn(torch.randn(N, K) * 0.05, 64, ZeroKind.FLOAT, scale_dtype=torch.bfloat16)
+        kern, tensors = _op_layer(w, dtype)
+        args = kern.op_args()
+        assert args[2] == 2  # dense_from
+        for M in (1, 2, 33):
+            x = torch.randn(M, K, dtype=dtype)
+            y = int4_linear(x, tensors, "cpu_native", kern.spec, None, args)
+            assert torch.equal(y, kern.apply(tensors, x)), (K, M)
+            assert rel_err(y, reference_linear(x.double(), w)) < TOL[dtype], (K, M)
+
+
+def test_torch_op_traces_under_torch_compile():
+    """The op has a fake implementation: torch.compile(fullgraph) traces through it (opaque),
+    and the compiled function gives the eager result."""
+    torch.manual_seed(12)
+    w = quantize_rtn(torch.randn(48, 128), 32, ZeroKind.INT)
+    kern, tensors = _op_layer(w, torch.bfloat16)
+    args = kern.op_args()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+
+    def f(x):
+        return torch.relu(int4_linear(x, tensors, "cpu_native", kern.spec, None, args)) * 2
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+def test_torch_op_refusals_and_checks(monkeypatch, tmp_path):
+    """Where the op cannot be built or is disabled, layers keep the Python op (op_args None,
+    the reason logged); a failed build leaves no library behind; the op checks its tensors."""
+    monkeypatch.setenv("VLLM_INT4XPU_CACHE", str(tmp_path))
+    # without torch's include paths the op's source cannot compile
+    path, why = cpu_native._build(cpu_native.OP_SOURCE, ["-shared", "-fPIC", "-std=c++17"])
+    assert path is None and "building csrc/int4_cpu_op.cpp failed" in why
+    assert not list(tmp_path.glob("*.so"))
+    w = quantize_rtn(torch.randn(32, 128), 32, ZeroKind.INT)
+    kern, tensors = _op_layer(w, torch.float32)
+    args = kern.op_args()
+    with pytest.raises(RuntimeError, match="qb holds"):
+        torch.ops.int4xpu.cpu_native_mm(torch.randn(2, 64), *tensors, None, *args)
+    with pytest.raises(RuntimeError, match="not float32/bfloat16/float16"):
+        torch.ops.int4xpu.cpu_native_mm(torch.randn(2, 128, dtype=torch.float64), *tensors,
+                                        None, *args)
+    cpu_native.load_op.cache_clear()
+    try:
+        monkeypatch.setenv("VLLM_INT4XPU_CPU_NATIVE_OP", "0")
+        assert kern.op_args() is None
+        assert "VLLM_INT4XPU_CPU_NATIVE_OP=0" in cpu_native.load_op()
+    finally:
+        monkeypatch.delenv("VLLM_INT4XPU_CPU_NATIVE_OP")
+        cpu_native.load_op.cache_clear()
+    assert cpu_native.load_op() is None  # the op registered earlier in this process still serves
+
+
 def _clear_library_caches():
-    for f in (cpu_native.load_library, cpu_native.dp_built, cpu_native.fma_built,
-              cpu_native.amx_enabled):
+    for f in (cpu_native.library_path, cpu_native.load_library, cpu_native.dp_built,
+              cpu_native.fma_built, cpu_native.amx_enabled):
         f.cache_clear()
 
 

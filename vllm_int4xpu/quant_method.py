@@ -221,9 +221,10 @@ def _make_param(spec: TensorSpec, data: torch.Tensor, loader):
     return BasevLLMParameter(**kw)
 
 
-def _install_prepared(layer, kernel_cls, prepared: dict, spec, prefix: str) -> None:
+def _install_prepared(layer, kernel_cls, prepared: dict, spec, prefix: str,
+                      op_args: Optional[tuple] = None) -> None:
     """Keep a backend's prepared tensors as the layer's parameters (``prefix`` + name, in the
-    backend's order) and what ``apply`` needs to call it."""
+    backend's order) and what ``apply`` needs to call it (``op_args``: see ``int4_linear``)."""
     names = []
     for name in kernel_cls.tensor_names:
         layer.register_parameter(prefix + name, torch.nn.Parameter(prepared[name], requires_grad=False))
@@ -231,6 +232,7 @@ def _install_prepared(layer, kernel_cls, prepared: dict, spec, prefix: str) -> N
     layer.int4_tensor_names = tuple(names)
     layer.int4_backend = kernel_cls.name
     layer.int4_spec = spec
+    layer.int4_op_args = op_args
     if next(iter(prepared.values())).device.type == "cpu":
         _release_freed_host_memory()
 
@@ -340,14 +342,17 @@ class Int4XPULinearMethod(LinearMethodBase):
         # a row-parallel shard of an act-order layer (uneven groups) is refused by the permuting
         # backends and runs on the reference one; the selector logs the choice and why
         kernel_cls = select_kernel(spec)
-        prepared = kernel_cls(spec).prepare(w)
+        kernel = kernel_cls(spec)
+        prepared = kernel.prepare(w)
         for s in layer.int4_specs:
             delattr(layer, s.name)
-        _install_prepared(layer, kernel_cls, prepared, spec, "int4_")
+        op_args = kernel.op_args() if hasattr(kernel, "op_args") else None
+        _install_prepared(layer, kernel_cls, prepared, spec, "int4_", op_args)
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(layer, n) for n in layer.int4_tensor_names]
-        return int4_linear(x, tensors, layer.int4_backend, layer.int4_spec, bias)
+        return int4_linear(x, tensors, layer.int4_backend, layer.int4_spec, bias,
+                           layer.int4_op_args)
 
 
 

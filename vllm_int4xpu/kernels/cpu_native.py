@@ -25,6 +25,14 @@ keyed by the source, the compiler and this CPU (``$VLLM_INT4XPU_CACHE``, else
 compiler, or if the build fails, the backend refuses with the reason and the selector falls back
 to ``cpu`` (torch's int4 op). It links the libgomp torch has loaded (same soname), so its
 threads are torch's threads (``torch.get_num_threads()``).
+
+vLLM layers call the kernel through the torch op ``int4xpu::cpu_native_mm``
+(``csrc/int4_cpu_op.cpp``: the same computation as :meth:`CpuNativeKernel.apply`, registered
+for the dispatcher's CPU key, no Python in the call; ~4.5 µs less per call than the Python op
+``int4xpu::linear``, which is most of a small layer's decode call). It is built the same way
+against torch's headers and libraries, and linked to the kernel library; where it cannot be
+built or loaded (or ``VLLM_INT4XPU_CPU_NATIVE_OP=0``), the log says why once and layers call
+the kernel through ``int4xpu::linear``.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -46,6 +55,8 @@ from ..weight import Int4Weight, ZeroKind
 from .base import Int4Kernel, Int4LinearSpec, gather_act_order, permute_for_act_order
 
 SOURCE = Path(__file__).with_name("csrc") / "int4_cpu.cpp"
+OP_SOURCE = SOURCE.with_name("int4_cpu_op.cpp")
+logger = logging.getLogger("vllm.int4xpu")
 
 
 def _flags() -> tuple[str, ...]:
@@ -105,34 +116,52 @@ def _compiler() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
-    """(library, None) or (None, why it is not available). Built once per machine."""
-    if os.environ.get("VLLM_INT4XPU_CPU_NATIVE", "1") == "0":
-        return None, "disabled by VLLM_INT4XPU_CPU_NATIVE=0"
+def _build(source: Path, flags: Sequence[str], extra: Sequence[str] = (),
+           key_parts: Sequence[str] = ()) -> tuple[Optional[Path], Optional[str]]:
+    """(path of the built library, None) or (None, why): ``source`` compiled once per machine
+    with ``flags`` + ``extra`` into the cache directory, keyed by everything that changes it."""
     cxx = _compiler()
     if cxx is None:
-        return None, "no C++ compiler found ($CXX, g++, c++) to build csrc/int4_cpu.cpp"
+        return None, f"no C++ compiler found ($CXX, g++, c++) to build csrc/{source.name}"
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                                  timeout=60).stdout.splitlines()[:1]
-        flags = _flags()
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *version, *flags,
-                                        _cpu_flags()]).encode()).hexdigest()[:16]
-        lib = _cache_dir() / f"int4_cpu_{key}.so"
+        key = hashlib.sha256("\n".join([source.read_text(), cxx, *version, *flags, *extra,
+                                        *key_parts, _cpu_flags()]).encode()).hexdigest()[:16]
+        lib = _cache_dir() / f"{source.stem}_{key}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
             os.close(fd)
-            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True,
-                                  text=True, timeout=600)
+            proc = subprocess.run([cxx, *flags, str(source), *extra, "-o", tmp],
+                                  capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 os.unlink(tmp)
                 err = (proc.stderr or proc.stdout).strip().splitlines()
-                return None, f"building csrc/int4_cpu.cpp failed: {' '.join(err[:3])[:300]}"
+                return None, f"building csrc/{source.name} failed: {' '.join(err[:3])[:300]}"
             os.replace(tmp, lib)  # atomic: concurrent builders (TP ranks) each write their own
-        dll = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
+        return None, f"csrc/{source.name} unavailable ({type(e).__name__}: {e})"
+    return lib, None
+
+
+@functools.lru_cache(maxsize=1)
+def library_path() -> tuple[Optional[Path], Optional[str]]:
+    """The kernel library (csrc/int4_cpu.cpp), built once per machine, or why not."""
+    if os.environ.get("VLLM_INT4XPU_CPU_NATIVE", "1") == "0":
+        return None, "disabled by VLLM_INT4XPU_CPU_NATIVE=0"
+    return _build(SOURCE, _flags())
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """(library, None) or (None, why it is not available). Built once per machine."""
+    path, why = library_path()
+    if path is None:
+        return None, why
+    try:
+        dll = ctypes.CDLL(str(path))
+    except OSError as e:
         return None, f"csrc/int4_cpu.cpp unavailable ({type(e).__name__}: {e})"
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint, i64,
@@ -142,6 +171,61 @@ def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     dll.int4_gemm.restype = dll.int4_pack_blocks.restype = cint
     dll.int4_dequant_t.restype = dll.int4_cpu_features.restype = cint
     return dll, None
+
+
+def _mm_fake(x, qb, sb, perm, bias, N, group, dense_from, amx, amx_dense_min_m, dp_max_m):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+def _op_flags() -> list[str]:
+    from torch.utils import cpp_extension
+    abi = int(torch.compiled_with_cxx11_abi())
+    out = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    out += [f"-I{p}" for p in cpp_extension.include_paths()]
+    return out
+
+
+def _op_registered() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("int4xpu::cpu_native_mm", "CPU")
+    except RuntimeError:  # no such op yet
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def load_op() -> Optional[str]:
+    """Registers the torch op ``int4xpu::cpu_native_mm`` (csrc/int4_cpu_op.cpp: the kernel
+    behind the dispatcher's CPU key, no Python in the call); None once it is there, else why not
+    (then layers call the kernel through ``int4xpu::linear``, logged once)."""
+    why = None
+    if os.environ.get("VLLM_INT4XPU_CPU_NATIVE_OP", "1") == "0":
+        why = "disabled by VLLM_INT4XPU_CPU_NATIVE_OP=0"
+    elif _op_registered():
+        return None  # loaded earlier in this process
+    else:
+        kernel, why = library_path()
+    if why is None:
+        from torch.utils import cpp_extension
+        libdirs = cpp_extension.library_paths()
+        link = [str(kernel), f"-Wl,-rpath,{kernel.parent}"]
+        for d in libdirs:
+            link += [f"-L{d}", f"-Wl,-rpath,{d}"]
+        link += ["-lc10", "-ltorch_cpu", "-ltorch"]
+        path, why = _build(OP_SOURCE, [*_flags(), *_op_flags()], link,
+                           key_parts=(torch.__version__, str(kernel)))
+        if path is not None:
+            try:
+                torch.ops.load_library(str(path))
+                torch.library.register_fake("int4xpu::cpu_native_mm", _mm_fake)
+            except (OSError, RuntimeError) as e:
+                why = f"csrc/int4_cpu_op.cpp does not load ({type(e).__name__}: {str(e)[:200]})"
+    if why is not None:
+        logger.info("int4xpu: cpu_native layers call the kernel through int4xpu::linear "
+                    "(torch op int4xpu::cpu_native_mm unavailable: %s)", why)
+    else:
+        logger.info("int4xpu: cpu_native layers call the kernel through its C++ torch op "
+                    "int4xpu::cpu_native_mm")
+    return why
 
 
 def scale_offset(w: Int4Weight) -> torch.Tensor:
@@ -217,6 +301,29 @@ class CpuNativeKernel(Int4Kernel):
         amx_enabled()  # once per process, before the first call
         return {"qb": qb, "sb": scale_offset(w), "perm": perm}
 
+    def _dense_from(self, x_dtype: torch.dtype) -> int:
+        """Rows from which the dense path serves (0: never) for this layer and x dtype."""
+        bf16 = x_dtype == torch.bfloat16
+        if bf16 and dp_built():
+            dense_from = DP_DENSE_MIN_M
+        elif not bf16 and fma_built():
+            dense_from = FMA_DENSE_MIN_M
+        else:
+            dense_from = DENSE_MIN_M
+        if dense_from <= 0 or (amx_enabled() and bf16 and self.spec.group_size % 32 == 0):
+            return 0
+        return dense_from
+
+    def op_args(self) -> Optional[tuple]:
+        """The layer's static arguments of the torch op ``int4xpu::cpu_native_mm`` (after
+        x, qb, sb, perm, bias), which :func:`~.ops.int4_linear` then calls instead of
+        ``int4xpu::linear`` (the same computation, bit for bit, without Python in the call);
+        None where the op is unavailable (:func:`load_op` logs why)."""
+        if load_op() is not None:
+            return None
+        return (self.spec.out_features, self.spec.group_size,
+                self._dense_from(self.spec.act_dtype), amx_enabled(), AMX_DENSE_MIN_M, DP_MAX_M)
+
     def apply(self, tensors, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         qb, sb, perm = tensors
         lib, _ = load_library()
@@ -227,14 +334,8 @@ class CpuNativeKernel(Int4Kernel):
         N = self.spec.out_features
         g, threads = self.spec.group_size, torch.get_num_threads()
         amx = amx_enabled()
-        bf16 = x.dtype == torch.bfloat16
-        if bf16 and dp_built():
-            dense_from = DP_DENSE_MIN_M
-        elif not bf16 and fma_built():
-            dense_from = FMA_DENSE_MIN_M
-        else:
-            dense_from = DENSE_MIN_M
-        if M >= dense_from > 0 and not (amx and bf16 and g % 32 == 0):
+        dense_from = self._dense_from(x.dtype)
+        if M >= dense_from > 0:
             # fp16 GEMMs on CPUs without native fp16 math are slow in torch: fp16 x multiplies
             # fp32 weights in fp32 (exact for fp16 x, and fp32 accumulation as everywhere else)
             gemm_dt = torch.float32 if x.dtype == torch.float16 else x.dtype

@@ -49,8 +49,13 @@ torch.library.register_fake("int4xpu::linear", _linear_fake, lib=_LIB)
 
 
 def int4_linear(x: torch.Tensor, tensors: Sequence[torch.Tensor], backend: str,
-                spec: Int4LinearSpec, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) through the chosen backend's prepared tensors."""
+                spec: Int4LinearSpec, bias: Optional[torch.Tensor] = None,
+                op_args: Optional[tuple] = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) through the chosen backend's prepared tensors. ``op_args``: the
+    ``cpu_native`` layer's static arguments of its own C++ op (``CpuNativeKernel.op_args``),
+    which then takes the call without the Python op."""
+    if op_args is not None:
+        return torch.ops.int4xpu.cpu_native_mm(x, *tensors, bias, *op_args)
     return torch.ops.int4xpu.linear(x, list(tensors), bias, backend, spec.key())
 
 
