@@ -191,6 +191,12 @@ def rel(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def _row(bn13, bk13, w13, bn2, bk2, split, w2, **kw) -> dict:
+    """A launch row from its gate_up tile (BLOCK_N, BLOCK_K, warps), its down tile and K split."""
+    return dict(BLOCK_N_13=bn13, BLOCK_K_13=bk13, warps_13=w13, BLOCK_N_2=bn2, BLOCK_K_2=bk2,
+                SPLIT_K=split, warps_2=w2, **kw)
+
+
 # --sweep: launch rows tried for ours on each benchmark row (the dispatcher's own row first); the
 # fastest is reported with its config, and MOE_CONFIGS holds the winners.
 SWEEP = {
@@ -211,49 +217,26 @@ SWEEP = {
         dict(BLOCK_N_13=64, warps_13=1, BLOCK_N_2=128, SPLIT_K=4, warps_2=2, SORTED=True))],
     # gemv with the down GEMM reducing in its own programs (SERIAL) and K tiles up to the whole
     # gate_up K; run with --sweep-set gemv_new
-    "gemv_new": [dict(path="gemv", SERIAL=True, **c) for c in (
-        dict(BLOCK_N_13=32, BLOCK_K_13=512, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=512, SPLIT_K=3,
-             warps_2=4),
-        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
-             warps_2=1),
-        dict(BLOCK_N_13=8, BLOCK_K_13=2048, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=1),
-        dict(BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=2))],
+    "gemv_new": [_row(*r, path="gemv", SERIAL=True) for r in (
+        (32, 512, 4, 64, 512, 3, 4), (16, 256, 1, 32, 256, 8, 1), (8, 2048, 2, 32, 256, 4, 1),
+        (16, 1024, 4, 64, 256, 4, 2))],
     # every row: program order (8 rows, or all rows, walking the N tiles together), each with
     # and without PDL between gate_up and down
     "order_pdl": [dict(GROUP_M=g, **pdl) for pdl in ({}, dict(PDL=True)) for g in (8, 1024)],
     # decode rows on the tensor-core path (BLOCK_M 16, sorted blocks: each expert's weight read
     # once however many of its pairs there are), the down GEMM split along its K in 1..4;
     # run with --sweep-set decode_dot
-    "decode_dot": [dict(path="dot", FRAG=2, BLOCK_M=16, **c) for c in (
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1,
-             warps_2=4, stages=3),
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=2,
-             warps_2=4, stages=3),
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2,
-             warps_2=4, stages=3),
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=4,
-             warps_2=4, stages=3),
-        dict(BLOCK_N_13=32, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=4,
-             warps_2=4, stages=3),
-        dict(BLOCK_N_13=32, BLOCK_K_13=128, warps_13=2, BLOCK_N_2=32, BLOCK_K_2=128, SPLIT_K=2,
-             warps_2=2, stages=4),
-        dict(BLOCK_N_13=128, BLOCK_K_13=64, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=128, SPLIT_K=2,
-             warps_2=4, stages=4),
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1,
-             warps_2=4, stages=4))],
+    "decode_dot": [_row(*r, path="dot", FRAG=2, BLOCK_M=16, stages=st) for *r, st in (
+        (64, 128, 4, 128, 64, 1, 4, 3), (64, 128, 4, 128, 64, 2, 4, 3),
+        (64, 128, 4, 64, 128, 2, 4, 3), (64, 128, 4, 64, 128, 4, 4, 3),
+        (32, 128, 4, 64, 128, 4, 4, 3), (32, 128, 2, 32, 128, 2, 2, 4),
+        (128, 64, 4, 128, 128, 2, 4, 4), (64, 128, 4, 128, 64, 1, 4, 4))],
     # gemv walking the pairs in expert order (SORTED) with GROUP_M sorted pairs walking the N
     # tiles together, so the pairs of one expert read each weight tile from memory once and
     # share it through L2; run with --sweep-set sorted_group
-    "sorted_group": [dict(path="gemv", SORTED=True, SERIAL=False, GROUP_M=g, **c)
-                     for g in (1, 8, 64) for c in (
-        dict(BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1, BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8,
-             warps_2=1),
-        dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=1, BLOCK_N_2=128, BLOCK_K_2=128, SPLIT_K=4,
-             warps_2=2),
-        dict(BLOCK_N_13=32, BLOCK_K_13=256, warps_13=2, BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4,
-             warps_2=2))],
+    "sorted_group": [_row(*r, path="gemv", SORTED=True, SERIAL=False, GROUP_M=g)
+                     for g in (1, 8, 64) for r in (
+        (16, 256, 1, 32, 256, 8, 1), (64, 128, 1, 128, 128, 4, 2), (32, 256, 2, 64, 256, 4, 2))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
