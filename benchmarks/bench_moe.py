@@ -237,14 +237,6 @@ SWEEP = {
     "sorted_group": [_row(*r, path="gemv", SORTED=True, SERIAL=False, GROUP_M=g)
                      for g in (1, 8, 64) for r in (
         (16, 256, 1, 32, 256, 8, 1), (64, 128, 1, 128, 128, 4, 2), (32, 256, 2, 64, 256, 4, 2))],
-    # gemv over blocks of BM sorted pairs of one expert (each weight word loaded once for the
-    # block); run with --sweep-set gemv_block
-    "gemv_block": [_row(*r, path="gemv_block", BLOCK_M=bm, SERIAL=ser)
-                   for bm in (2, 4) for *r, ser in (
-        (16, 128, 1, 32, 128, 8, 1, True), (16, 128, 1, 32, 128, 8, 1, False),
-        (16, 128, 2, 32, 128, 4, 1, False), (32, 128, 2, 64, 128, 4, 2, False),
-        (32, 128, 4, 64, 128, 2, 2, False), (64, 128, 4, 128, 128, 4, 4, False),
-        (8, 128, 1, 16, 128, 8, 1, False))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -170,7 +170,7 @@ class TritonMoEKernel(Int4MoEKernel):
             ids = ids.to(torch.int32)
         ids = ids.contiguous()
         topw = topk_weights.reshape(-1).to(torch.float32).contiguous()
-        if cfg["path"] in ("dot", "gemv_block"):
+        if cfg["path"] == "dot":
             sorting = fm.sort_pairs_triton(ids, E, cfg["BLOCK_M"])
         elif cfg.get("SORTED"):
             sorting = torch.argsort(ids, stable=True).to(torch.int32)
@@ -192,7 +192,7 @@ class TritonMoEKernel(Int4MoEKernel):
         ws = torch.empty((split, P, H), dtype=x.dtype if cfg["path"] == "dot" else torch.float32,
                          device=x.device)
         y = torch.empty((M, H), dtype=x.dtype, device=x.device)
-        serial = (cfg["path"] != "dot" and cfg.get("SERIAL", False)
+        serial = (cfg["path"] == "gemv" and cfg.get("SERIAL", False)
                   and fm.serial_ok(M, H, cfg["BLOCK_N_2"]))
         if fm.moe_gemm(h, q2, s2, z2, p2, zk, spec.group_w2, ws, ids, topw, top_k, False,
                        BLOCK_N=cfg["BLOCK_N_2"], BLOCK_K=cfg["BLOCK_K_2"], SPLIT_K=split,

@@ -232,87 +232,6 @@ def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, o
 
 
 @triton.jit
-def moe_gemv_block_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr,
-                          sorted_ptr, block_expert_ptr, npad_ptr, topw_ptr, P, N, K, GROUP,
-                          stride_am, stride_qe, stride_qn, stride_se, stride_pe, one_bits,
-                          A_DIV: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                          ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
-                          SPLIT_K: tl.constexpr, SERIAL: tl.constexpr, TOP_K: tl.constexpr,
-                          BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr,
-                          GROUP_M: tl.constexpr, PDL: tl.constexpr):
-    """:func:`moe_gemv_kernel` for a block of BM sorted pairs of one expert (``sort_pairs``
-    with block_m = BM): one (N tile, block, K split) per program, each weight word loaded once
-    and its nibbles multiplied with the BM rows of x on CUDA cores (a decode step whose experts
-    hold ~2 pairs reads each expert's weights once, not once per pair). One group per K tile."""
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n, pid_b = _tile_ids(tl.program_id(0), tl.num_programs(0) // n_tiles, n_tiles, GROUP_M)
-    pid_k = tl.program_id(1)
-    if pid_b * BM >= tl.load(npad_ptr):
-        return  # past the last padded block
-    rows = tl.load(sorted_ptr + pid_b * BM + tl.arange(0, BM))
-    valid = rows < P
-    rows = tl.where(valid, rows, 0)
-    e = tl.load(block_expert_ptr + pid_b).to(tl.int64)
-    if not GATED:
-        pdl_wait(PDL)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    NS = N * 2 if GATED else N
-    w_rows = qw_ptr + e * stride_qe + offs_n[:, None].to(tl.int64) * stride_qn
-    s_e = s_ptr + e * stride_se
-    z_e = z_ptr + e * stride_se
-    a_rows = (a_ptr + (rows // A_DIV).to(tl.int64) * stride_am)[:, None]  # [BM, 1]
-    perm_e = perm_ptr + e * stride_pe
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_lo = pid_k * tiles_per_split * BLOCK_K
-    k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
-    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        wk = k0 // 8 + offs_w
-        wmask = n_mask[:, None] & ((wk < K // 8) | EVEN_K)[None, :]
-        words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
-        if GATED:
-            words_u = tl.load(w_rows + N * stride_qn + wk[None, :], mask=wmask, other=0)
-        # the nibble-pair products of moe_gemv_kernel, with a leading axis of BM rows
-        t = tl.zeros([BM, BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
-        t_u = tl.zeros([BM, BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
-        x_scaled = tl.zeros([BM, BLOCK_K // 8], dtype=tl.float32)
-        x_plain = tl.zeros([BM, BLOCK_K // 8], dtype=tl.float32)
-        for p in tl.static_range(4):
-            x_lo, x_hi = _x_planes(a_rows, perm_e, (k0 + 8 * offs_w + 2 * p)[None, :], K,
-                                   HAS_PERM, EVEN_K)
-            hi, lo = nibble_pair_as_float(words, p, one_bits)
-            t += hi[None, :, :] * (x_hi * 16.0)[:, None, :]
-            t += lo[None, :, :] * (x_lo * 256.0)[:, None, :]
-            if GATED:
-                hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
-                t_u += hi_u[None, :, :] * (x_hi * 16.0)[:, None, :]
-                t_u += lo_u[None, :, :] * (x_lo * 256.0)[:, None, :]
-            x_scaled += x_hi * 16.0 + x_lo * 256.0
-            x_plain += x_hi + x_lo
-        xs = tl.sum(x_scaled, 1)[:, None]
-        xp = tl.sum(x_plain, 1)[:, None]
-        g = group_of(k0, GROUP, GROUP_SHIFT)
-        s, b = group_scale_offset(s_e, z_e, g, offs_n, n_mask, NS, ZERO_KIND)
-        acc += s[None, :] * (tl.sum(t, 2) - xs) + b[None, :] * xp
-        if GATED:
-            s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n + N, n_mask, NS, ZERO_KIND)
-            acc_u += s_u[None, :] * (tl.sum(t_u, 2) - xs) + b_u[None, :] * xp
-    if GATED:
-        pdl_launch_next(PDL)
-        h = _act(acc, ACT) * acc_u
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * N + offs_n[None, :],
-                 h.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
-    else:
-        wt = tl.load(topw_ptr + rows, mask=valid, other=0.0)
-        _down_epilogue(acc * wt[:, None], rows, valid, offs_n, n_mask, out_ptr, y_ptr, cnt_ptr,
-                       pid_n, pid_k, P, N, n_tiles, TOP_K, SPLIT_K, SERIAL)
-
-
-@triton.jit
 def _down_epilogue(res, pairs, valid, offs_n, n_mask, ws_ptr, y_ptr, cnt_ptr, pid_n, pid_k, P,
                    N, n_tiles, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr):
     """Down GEMM's end for rows ``pairs`` [R] (``res`` [R, BN] fp32, router weight applied):
@@ -605,15 +524,6 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
                   num_warps=num_warps, num_stages=num_stages)
     strides = (a.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
                perm.stride(0) if has_perm else 0)
-    if path == "gemv_block":  # BLOCK_M sorted pairs of one expert per program
-        sorted_ids, block_expert, npad = sorting
-        cnt = tile_counters(a.device) if serial else npad
-        grid = (triton.cdiv(N, BLOCK_N) * block_expert.numel(), split)
-        moe_gemv_block_kernel[grid](a, qweight, scales, zeros, pm, out, y if serial else out,
-                                    cnt, sorted_ids, block_expert, npad, topk_weights, P, N, K,
-                                    group, *strides, ONE_BITS, SERIAL=serial, TOP_K=top_k,
-                                    BM=BLOCK_M, EVEN_K=K % bk == 0, **common)
-        return serial
     if path == "gemv":
         ids = topk_ids.reshape(-1)
         cnt = tile_counters(a.device) if serial else ids
