@@ -15,8 +15,9 @@ are torch ops (``silu(gate) * up``, ``sum(dim=1)``).
 Method: symmetric group-128 int4 weights (fp16 scales), fp16 activations, uniform random top-k
 routing. Each timed graph holds C x R calls, over C copies of the weights and R routings (L2
 defeat: every call reads weights L2 has not just seen), timed by CUDA events over graph replays,
-the row's contenders round-robin (median of 20). Floor = max(bytes / copy bandwidth, FLOPs / peak), bytes = distinct experts hit
-x bytes per expert (the kernel's own format) + activations; both ceilings measured in this run.
+the row's contenders round-robin (median of 20). Floor = max(bytes / copy bandwidth, FLOPs /
+peak), bytes = distinct experts hit x bytes per expert (the kernel's own format) + activations;
+both ceilings measured in this run.
 Every kernel's output is checked against the float64 oracle before timing.
 """
 

@@ -346,8 +346,7 @@ class Int4XPULinearMethod(LinearMethodBase):
         prepared = kernel.prepare(w)
         for s in layer.int4_specs:
             delattr(layer, s.name)
-        op_args = kernel.op_args() if hasattr(kernel, "op_args") else None
-        _install_prepared(layer, kernel_cls, prepared, spec, "int4_", op_args)
+        _install_prepared(layer, kernel_cls, prepared, spec, "int4_", kernel.op_args())
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(layer, n) for n in layer.int4_tensor_names]

@@ -97,6 +97,11 @@ class Int4Kernel(ABC):
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y = x @ W^T (+ bias) for 2-D x [M, K]; tensors in ``tensor_names`` order."""
 
+    def op_args(self) -> Optional[tuple]:
+        """Static arguments of a backend's own C++ op, which :func:`~.ops.int4_linear` then
+        calls instead of the Python op; None (the default) where there is none."""
+        return None
+
 
 def gather_act_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
     """Reorder input channels for a weight that was permuted at load (act-order)."""

@@ -177,12 +177,17 @@ def _mm_fake(x, qb, sb, perm, bias, N, group, dense_from, amx, amx_dense_min_m, 
     return x.new_empty((*x.shape[:-1], N))
 
 
-def _op_flags() -> list[str]:
+def _op_flags(kernel: Path) -> tuple[list[str], list[str]]:
+    """(compile flags, link arguments) of the op: torch's headers and ABI, and links to torch's
+    libraries and to the kernel library ``kernel`` (rpaths, so no loader path is needed)."""
     from torch.utils import cpp_extension
     abi = int(torch.compiled_with_cxx11_abi())
-    out = [f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
-    out += [f"-I{p}" for p in cpp_extension.include_paths()]
-    return out
+    flags = [*_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    link = [str(kernel), f"-Wl,-rpath,{kernel.parent}"]
+    for d in cpp_extension.library_paths():
+        link += [f"-L{d}", f"-Wl,-rpath,{d}"]
+    return flags, [*link, "-lc10", "-ltorch_cpu", "-ltorch"]
 
 
 def _op_registered() -> bool:
@@ -205,13 +210,7 @@ def load_op() -> Optional[str]:
     else:
         kernel, why = library_path()
     if why is None:
-        from torch.utils import cpp_extension
-        libdirs = cpp_extension.library_paths()
-        link = [str(kernel), f"-Wl,-rpath,{kernel.parent}"]
-        for d in libdirs:
-            link += [f"-L{d}", f"-Wl,-rpath,{d}"]
-        link += ["-lc10", "-ltorch_cpu", "-ltorch"]
-        path, why = _build(OP_SOURCE, [*_flags(), *_op_flags()], link,
+        path, why = _build(OP_SOURCE, *_op_flags(kernel),
                            key_parts=(torch.__version__, str(kernel)))
         if path is not None:
             try:

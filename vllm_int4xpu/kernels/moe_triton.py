@@ -75,12 +75,6 @@ MOE_CONFIGS = {
 _ROW_KEYS = ("SERIAL_PAIRS", "MAX_PAIRS", "FEW_PROGRAMS")
 
 
-def _max_blocks(pairs: int, num_experts: int, block_m: int) -> int:
-    """``fused_moe.max_blocks`` (the sort's fixed block count) without importing Triton."""
-    return min(-(-(pairs + num_experts * (block_m - 1)) // block_m),
-               min(num_experts, pairs) + pairs // block_m)
-
-
 @functools.lru_cache(maxsize=1024)
 def choose_moe_config(pairs: int, num_experts: int, hidden: int, intermediate: int,
                       family: str = "cuda") -> dict:
@@ -96,7 +90,7 @@ def choose_moe_config(pairs: int, num_experts: int, hidden: int, intermediate: i
     cfg["SERIAL"] = pairs <= row.get("SERIAL_PAIRS", 0)
     if "FEW_PROGRAMS" in row:
         n_tiles = -(-hidden // row["BLOCK_N_2"])
-        if _max_blocks(pairs, num_experts, row["BLOCK_M"]) * n_tiles < DOWN_MIN_PROGRAMS:
+        if fm.max_blocks(pairs, num_experts, row["BLOCK_M"]) * n_tiles < DOWN_MIN_PROGRAMS:
             cfg.update(row["FEW_PROGRAMS"])
     return cfg
 
