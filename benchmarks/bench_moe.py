@@ -238,6 +238,13 @@ SWEEP = {
     "sorted_group": [_row(*r, path="gemv", SORTED=True, SERIAL=False, GROUP_M=g)
                      for g in (1, 8, 64) for r in (
         (16, 256, 1, 32, 256, 8, 1), (64, 128, 1, 128, 128, 4, 2), (32, 256, 2, 64, 256, 4, 2))],
+    # prefill rows with taller blocks (BLOCK_M 128 / 256: each dequantized weight tile serves
+    # more rows) and wider N tiles with 8 warps; run with --sweep-set large_dot
+    "large_dot": [_row(*r, path="dot", FRAG=2, BLOCK_M=bm, stages=st) for bm, *r, st in (
+        (128, 64, 128, 4, 128, 64, 1, 4, 3), (128, 128, 64, 8, 128, 64, 1, 8, 3),
+        (128, 128, 64, 8, 128, 64, 1, 8, 4), (128, 256, 64, 8, 256, 64, 1, 8, 3),
+        (256, 128, 64, 8, 128, 64, 1, 8, 3), (256, 128, 64, 8, 128, 64, 1, 8, 2),
+        (256, 64, 128, 4, 64, 128, 1, 4, 2), (256, 128, 32, 8, 128, 32, 1, 8, 4))],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -184,7 +184,7 @@ def test_torch_op_equals_the_python_path(dtype, kind, group, act_order):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_torch_op_dense_path(monkeypatch, dtype):
-    """The op's dense branch (w^T dequantized into its reused buffer, torch's GEMM; fp16 in
+    """The op's dense branch (w dequantized into its reused buffer, torch's GEMM; fp16 in
     fp32) forced from 2 rows, against the Python path's and float64; a larger layer after a
     smaller one regrows the buffer."""
     for name in ("DP_DENSE_MIN_M", "FMA_DENSE_MIN_M", "DENSE_MIN_M"):

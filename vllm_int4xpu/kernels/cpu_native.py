@@ -66,7 +66,7 @@ def _flags() -> tuple[str, ...]:
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Rows from which the AMX path multiplies dequantized bf16 tiles over the whole K (no per-group
-# scaling in the loop), and, without AMX, from which w^T is dequantized whole into a reused
+# scaling in the loop), and, without AMX, from which w is dequantized whole into a reused
 # buffer for torch's GEMM (benchmarks/bench_cpu.py).
 AMX_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_AMX_DENSE_MIN_M", "64"))
 # Rows up to which bf16 x takes the register-only VDPBF16PS path (decode) instead of AMX tiles;
@@ -167,9 +167,9 @@ def load_library() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     dll.int4_gemm.argtypes = [ptr, cint, i64, i64, ptr, ptr, i64, i64, ptr, cint, cint, i64,
                               i64, cint]
     dll.int4_pack_blocks.argtypes = [ptr, i64, i64, ptr, cint]
-    dll.int4_dequant_t.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint, cint]
+    dll.int4_dequant.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint, cint]
     dll.int4_gemm.restype = dll.int4_pack_blocks.restype = cint
-    dll.int4_dequant_t.restype = dll.int4_cpu_features.restype = cint
+    dll.int4_dequant.restype = dll.int4_cpu_features.restype = cint
     return dll, None
 
 
@@ -338,11 +338,11 @@ class CpuNativeKernel(Int4Kernel):
             # fp16 GEMMs on CPUs without native fp16 math are slow in torch: fp16 x multiplies
             # fp32 weights in fp32 (exact for fp16 x, and fp32 accumulation as everywhere else)
             gemm_dt = torch.float32 if x.dtype == torch.float16 else x.dtype
-            wt = _scratch(K * N, gemm_dt).view(K, N)
-            rc = lib.int4_dequant_t(qb.data_ptr(), sb.data_ptr(), N, K, g, wt.data_ptr(),
-                                    _DT[gemm_dt], threads)
+            wd = _scratch(N * K, gemm_dt).view(N, K)
+            rc = lib.int4_dequant(qb.data_ptr(), sb.data_ptr(), N, K, g, wd.data_ptr(),
+                                  _DT[gemm_dt], threads)
             assert rc == 0, rc
-            y = torch.mm(x.to(gemm_dt), wt).to(x.dtype)
+            y = torch.mm(x.to(gemm_dt), wd.t()).to(x.dtype)
         else:
             y = torch.empty(M, N, dtype=x.dtype)
             rc = lib.int4_gemm(x.data_ptr(), _DT[x.dtype], M, K, qb.data_ptr(), sb.data_ptr(),

@@ -635,56 +635,130 @@ int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, 
     return 0;
 }
 
-// w^T as a dense [K, N] matrix in out_dt (w = q * s + b in fp32, rounded once), for the
-// large-M path that hands it to the BLAS GEMM. A chunk of every block gives k = 8t..8t+7, so
-// each thread writes whole rows of the output (a block's chunks are read with a stride).
-int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
-                   void* out, int out_dt, int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 fp32 -> 16 bf16, rounded to nearest even (as f32_to_bf16 rounds finite values).
+inline __m256i bf16_round(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(
+        _mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+// Index vectors of the two-stage 8 x 16 -> 16 x 8 transpose of 16-bit values in
+// int4_dequant: stage 1 puts k = 0..3 (or 4..7) of channels c0..c0+7 side by side, stage 2
+// joins the two halves of 4 channels.
+struct TransposeIdx {
+    __m512i s1_lo, s1_hi, s2[2];
+    TransposeIdx() {
+        alignas(64) int16_t a[32], b[32], c[2][32];
+        for (int e = 0; e < 32; ++e) {  // e = 4 c + i: k = i of channel c (c < 8)
+            const int ch = e / 4, i = e % 4;
+            a[e] = int16_t((i / 2) * 32 + (i % 2) * 16 + ch);
+            b[e] = int16_t(a[e] + 8);
+        }
+        for (int h = 0; h < 2; ++h)
+            for (int e = 0; e < 32; ++e) {  // e = 8 c + i: channel 4 h + c of the 8 in stage 1
+                const int ch = 4 * h + e / 8, i = e % 8;
+                c[h][e] = int16_t((i < 4 ? 0 : 32) + 4 * ch + i % 4);
+            }
+        s1_lo = _mm512_load_si512(a);
+        s1_hi = _mm512_load_si512(b);
+        s2[0] = _mm512_load_si512(c[0]);
+        s2[1] = _mm512_load_si512(c[1]);
+    }
+};
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// One chunk (k = 2p..2p+7 of a block's 16 channels) dequantized to bf16 and transposed:
+// out[q] holds channels 4q..4q+3, 8 values of k each (one 128-bit lane per channel).
+inline void chunk_transposed(const uint8_t* chunk, const float* s, const TransposeIdx& tix,
+                             __m512i* out) {
+    const __m512 vs = _mm512_loadu_ps(s);
+    // (16 + q) s + b' = q s + b
+    const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs, _mm512_loadu_ps(s + 16));
+    __m512i w[4], kk[4];
+    chunk_pairs(chunk, w);
+    for (int n = 0; n < 4; ++n) {  // kk[n] = [k = 2n: 16 channels | k = 2n + 1: 16 channels]
+        __m512 lo, hi;
+        pairs_dequant(w[n], vs, vb, lo, hi);
+        kk[n] = _mm512_inserti64x4(_mm512_castsi256_si512(bf16_round(lo)), bf16_round(hi), 1);
+    }
+    const __m512i a_lo = _mm512_permutex2var_epi16(kk[0], tix.s1_lo, kk[1]);
+    const __m512i a_hi = _mm512_permutex2var_epi16(kk[0], tix.s1_hi, kk[1]);
+    const __m512i b_lo = _mm512_permutex2var_epi16(kk[2], tix.s1_lo, kk[3]);
+    const __m512i b_hi = _mm512_permutex2var_epi16(kk[2], tix.s1_hi, kk[3]);
+    out[0] = _mm512_permutex2var_epi16(a_lo, tix.s2[0], b_lo);
+    out[1] = _mm512_permutex2var_epi16(a_lo, tix.s2[1], b_lo);
+    out[2] = _mm512_permutex2var_epi16(a_hi, tix.s2[0], b_hi);
+    out[3] = _mm512_permutex2var_epi16(a_hi, tix.s2[1], b_hi);
+}
+#endif
+
+// w as a dense [N, K] matrix in out_dt (w = q * s + b in fp32, rounded once), for the
+// large-M path that hands w^T to the BLAS GEMM (x @ w^T: the operand layout torch's bf16 GEMM
+// is fastest on, 4-10 % over a [K, N] one on a 2-core EPYC). Each thread writes the K-long rows
+// of whole blocks of 16 channels; bf16 with AVX-512 takes four chunks (k = 32 values) at a
+// time, transposed in registers into one 64-byte run per channel.
+int int4_dequant(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
+                 void* out, int out_dt, int nthreads) {
     if (group % 8 || K % group) return 1;
     const int64_t G = K / group, NB = (N + 15) / 16, P = K / 2;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t p = 0; p < P; p += 4) {
-        const int64_t g = 2 * p / group;
-        for (int64_t j = 0; j < NB; ++j) {
-            const uint8_t* qj = qb + j * P * 16;
-            const float* s = sb + (j * G + g) * 32;
-            const float* bo = s + 16;
-            const int64_t n0 = j * 16, cols = std::min<int64_t>(16, N - n0);
-#ifdef __AVX512F__
-            if (cols == 16 && out_dt != F16) {
-                const __m512 vs = _mm512_loadu_ps(s);
-                // (16 + q) s + b' = q s + b
-                const __m512 vb = _mm512_fmadd_ps(_mm512_set1_ps(16.f), vs, _mm512_loadu_ps(bo));
-                __m512i w[4];
-                chunk_pairs(qj + p * 16, w);
-                for (int n = 0; n < 4; ++n) {
-                    __m512 v[2];
-                    pairs_dequant(w[n], vs, vb, v[0], v[1]);
-                    for (int h = 0; h < 2; ++h) {
-                        const int64_t k = 2 * (p + n) + h;
-                        if (out_dt == F32) {
-                            _mm512_storeu_ps(static_cast<float*>(out) + k * N + n0, v[h]);
-                            continue;
-                        }
-                        uint16_t* o = static_cast<uint16_t*>(out);
-                        const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-                        __m512i u = _mm512_castps_si512(v[h]);
-                        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(
-                            _mm512_srli_epi32(u, 16), one)));
-                        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * N + n0),
-                                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-                    }
-                }
-                continue;
-            }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const TransposeIdx tix;
 #endif
-            for (int64_t pp = p; pp < p + 4; ++pp)
-                for (int64_t c = 0; c < cols; ++c) {
-                    const float b = bo[c] + 16.f * s[c];
-                    for (int h = 0; h < 2; ++h)
-                        store_from_f32(out, (2 * pp + h) * N + n0 + c,
-                                       float(code_at(qj, pp, c, h)) * s[c] + b, out_dt);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t j = 0; j < NB; ++j) {
+        const uint8_t* qj = qb + j * P * 16;
+        const float* sbj = sb + j * G * 32;
+        const int64_t n0 = j * 16, cols = std::min<int64_t>(16, N - n0);
+        int64_t p = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        if (cols == 16 && out_dt == BF16) {
+            uint16_t* o = static_cast<uint16_t*>(out) + n0 * K;
+            for (; p + 16 <= P; p += 16) {  // k = 2p..2p+31: one 64-byte run per channel
+                __m512i v[4][4];
+                for (int t = 0; t < 4; ++t)
+                    chunk_transposed(qj + (p + 4 * t) * 16, sbj + (2 * (p + 4 * t) / group) * 32,
+                                     tix, v[t]);
+                for (int q = 0; q < 4; ++q) {  // lanes: [t][channel] -> [channel][t]
+                    const __m512i u0 = _mm512_shuffle_i64x2(v[0][q], v[1][q], 0x44);
+                    const __m512i u1 = _mm512_shuffle_i64x2(v[0][q], v[1][q], 0xee);
+                    const __m512i u2 = _mm512_shuffle_i64x2(v[2][q], v[3][q], 0x44);
+                    const __m512i u3 = _mm512_shuffle_i64x2(v[2][q], v[3][q], 0xee);
+                    const __m512i r[4] = {_mm512_shuffle_i64x2(u0, u2, 0x88),
+                                          _mm512_shuffle_i64x2(u0, u2, 0xdd),
+                                          _mm512_shuffle_i64x2(u1, u3, 0x88),
+                                          _mm512_shuffle_i64x2(u1, u3, 0xdd)};
+                    for (int l = 0; l < 4; ++l)
+                        _mm512_storeu_si512(o + (4 * q + l) * K + 2 * p, r[l]);
                 }
+            }
+            for (; p < P; p += 4) {  // the K tail, one chunk (8 values per channel) at a time
+                __m512i v[4];
+                chunk_transposed(qj + p * 16, sbj + (2 * p / group) * 32, tix, v);
+                for (int q = 0; q < 4; ++q) {
+                    uint16_t* oq = o + 4 * q * K + 2 * p;
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(oq), _mm512_castsi512_si128(v[q]));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(oq + K),
+                                     _mm512_extracti32x4_epi32(v[q], 1));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(oq + 2 * K),
+                                     _mm512_extracti32x4_epi32(v[q], 2));
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(oq + 3 * K),
+                                     _mm512_extracti32x4_epi32(v[q], 3));
+                }
+            }
+        }
+#endif
+        for (; p < P; p += 4) {
+            const float* s = sbj + (2 * p / group) * 32;
+            for (int64_t c = 0; c < cols; ++c) {
+                const float b = s[16 + c] + 16.f * s[c];
+                for (int64_t pp = p; pp < p + 4; ++pp)
+                    for (int h = 0; h < 2; ++h)
+                        store_from_f32(out, (n0 + c) * K + 2 * pp + h,
+                                       float(code_at(qj, pp, c, h)) * s[c] + b, out_dt);
+            }
         }
     }
     return 0;

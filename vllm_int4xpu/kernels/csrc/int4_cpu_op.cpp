@@ -7,7 +7,7 @@
 // Built by kernels/cpu_native.py against torch's headers and libraries, linked to the kernel
 // library of the same build (the C functions below); the fake (shape) implementation is
 // registered in Python. Semantics are CpuNativeKernel.apply's: act-order gather, the dense path
-// (dequantize w^T into a reused buffer, torch GEMM) from ``dense_from`` rows (0: never), else
+// (dequantize w into a reused buffer, torch GEMM with w^T) from ``dense_from`` rows (0: never), else
 // int4_gemm; bias added last.
 
 #include <ATen/Parallel.h>
@@ -21,8 +21,8 @@ extern "C" {
 int int4_gemm(const void* x, int x_dt, int64_t M, int64_t K, const uint8_t* qb, const float* sb,
               int64_t N, int64_t group, void* y, int y_dt, int use_amx, int64_t dense_min_m,
               int64_t dp_max_m, int nthreads);
-int int4_dequant_t(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
-                   void* wt, int wt_dt, int nthreads);
+int int4_dequant(const uint8_t* qb, const float* sb, int64_t N, int64_t K, int64_t group,
+                 void* w, int w_dt, int nthreads);
 }
 
 namespace {
@@ -70,11 +70,11 @@ at::Tensor cpu_native_mm(const at::Tensor& x_in, const at::Tensor& qb, const at:
     if (dense_from > 0 && M >= dense_from) {
         // fp16 x multiplies fp32 weights in fp32 (CPUs without native fp16 math)
         const at::ScalarType gdt = x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
-        at::Tensor wt = scratch(K * N, gdt).view({K, N});
-        rc = int4_dequant_t(qb.data_ptr<uint8_t>(), sb.data_ptr<float>(), N, K, group,
-                            wt.data_ptr(), dtype_code(gdt), threads);
-        TORCH_CHECK(rc == 0, "int4xpu::cpu_native_mm: int4_dequant_t returned ", rc);
-        y = at::mm(x.to(gdt), wt).to(x.scalar_type());
+        at::Tensor w = scratch(N * K, gdt).view({N, K});
+        rc = int4_dequant(qb.data_ptr<uint8_t>(), sb.data_ptr<float>(), N, K, group,
+                          w.data_ptr(), dtype_code(gdt), threads);
+        TORCH_CHECK(rc == 0, "int4xpu::cpu_native_mm: int4_dequant returned ", rc);
+        y = at::mm(x.to(gdt), w.t()).to(x.scalar_type());
     } else {
         y = at::empty({M, N}, x.options());
         rc = int4_gemm(x.data_ptr(), dt, M, K, qb.data_ptr<uint8_t>(), sb.data_ptr<float>(), N,
