@@ -46,10 +46,10 @@ def test_matches_float64_every_group_and_kind(kind, group, dtype):
     w = quantize_rtn(torch.randn(N, K) * 0.05, group, kind, scale_dtype=dtype
                      if dtype != torch.float32 else torch.bfloat16)
     bias = torch.randn(N, dtype=dtype)
-    # row blocks of 8/16 and a ragged tail; from DP_DENSE_MIN_M rows bf16 takes the
+    # row blocks of 8/16 and a ragged tail; from DP_DENSE_MIN_M_SMALL rows bf16 takes the
     # dequantize + GEMM path (fp16/fp32 stay on the FMA path: test_fp16_fp32_dense_path)
     for M in (1, 2, 3, 4, 5, 9, 15, 16, 17, 41, cpu_native.DENSE_MIN_M, 70,
-              cpu_native.DP_DENSE_MIN_M):
+              cpu_native.DP_DENSE_MIN_M_SMALL):
         x = torch.randn(M, K, dtype=dtype)
         err = rel_err(run(w, x, dtype, bias), reference_linear(x.double(), w, bias.double()))
         assert err < TOL[dtype], (M, err)
@@ -84,6 +84,7 @@ def test_every_path_matches(monkeypatch, M):
         monkeypatch.setattr(cpu_native, "AMX_DENSE_MIN_M", dense)
         monkeypatch.setattr(cpu_native, "DENSE_MIN_M", 10**6)
         monkeypatch.setattr(cpu_native, "DP_DENSE_MIN_M", 10**6)
+        monkeypatch.setattr(cpu_native, "DP_DENSE_MIN_M_SMALL", 10**6)
         monkeypatch.setattr(cpu_native, "amx_enabled", lambda amx=amx: amx)
         outs[name] = run(w, x, torch.bfloat16)
         assert rel_err(outs[name], ref) < 8e-3, name
@@ -160,7 +161,7 @@ def _op_layer(w, dtype):
 def test_torch_op_equals_the_python_path(dtype, kind, group, act_order):
     """The C++ op ``int4xpu::cpu_native_mm`` (what vLLM layers call) is the computation of
     ``CpuNativeKernel.apply`` (the ``int4xpu::linear`` path), bit for bit, and matches float64:
-    every M path (from DP_DENSE_MIN_M rows bf16 dequantizes for torch's GEMM where AMX does not
+    every M path (from DP_DENSE_MIN_M_SMALL rows, this small layer, bf16 dequantizes for torch's GEMM where AMX does not
     take it), act-order, bias, 3-D x."""
     torch.manual_seed(abs(group) + len(kind.value))
     K, N = 256, 83
@@ -171,7 +172,7 @@ def test_torch_op_equals_the_python_path(dtype, kind, group, act_order):
     args = kern.op_args()
     assert args is not None, cpu_native.load_op()
     bias = torch.randn(N, dtype=dtype)
-    for M in (1, 2, 9, 17, cpu_native.DP_DENSE_MIN_M + 3):
+    for M in (1, 2, 9, 17, cpu_native.DP_DENSE_MIN_M_SMALL + 3):
         x = torch.randn(M, K, dtype=dtype)
         y = int4_linear(x, tensors, "cpu_native", kern.spec, bias, args)
         assert y.dtype == dtype and torch.equal(y, kern.apply(tensors, x, bias)), M
@@ -187,7 +188,7 @@ def test_torch_op_dense_path(monkeypatch, dtype):
     """The op's dense branch (w dequantized into its reused buffer, torch's GEMM; fp16 in
     fp32) forced from 2 rows, against the Python path's and float64; a larger layer after a
     smaller one regrows the buffer."""
-    for name in ("DP_DENSE_MIN_M", "FMA_DENSE_MIN_M", "DENSE_MIN_M"):
+    for name in ("DP_DENSE_MIN_M", "DP_DENSE_MIN_M_SMALL", "FMA_DENSE_MIN_M", "DENSE_MIN_M"):
         monkeypatch.setattr(cpu_native, name, 2)
     monkeypatch.setattr(cpu_native, "amx_enabled", lambda: False)
     torch.manual_seed(11)

@@ -13,9 +13,10 @@ is the exactly dequantized model's, up to fp32 summation order:
   with up to 8 rows of x;
 * fp32/fp16 activations, or no AVX512-BF16: AVX-512 FMAs over the same blocks (scalar loops
   without AVX-512);
-* many rows without AMX (``DP_DENSE_MIN_M`` for bf16 on the VDPBF16PS path; ``DENSE_MIN_M``
-  without AVX-512; fp16/fp32 on the FMA path only from ``FMA_DENSE_MIN_M``, by default never):
-  w^T dequantized whole into a reused buffer for torch's GEMM (fp32 for fp16 x).
+* many rows without AMX (bf16 on the VDPBF16PS path from ``DP_DENSE_MIN_M`` or
+  ``DP_DENSE_MIN_M_SMALL`` rows by layer size; ``DENSE_MIN_M`` without AVX-512; fp16/fp32 on the
+  FMA path only from ``FMA_DENSE_MIN_M``, by default never): w dequantized whole into a reused
+  buffer for torch's GEMM of x @ w^T (fp32 for fp16 x).
 
 The library is compiled on first use with the system C++ compiler (``$CXX``, else g++, else c++;
 vLLM's CPU build already needs one), ``-O3 -march=native -fopenmp`` (``-march`` from
@@ -77,9 +78,15 @@ DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DENSE_MIN_M", "64"))
 # FMA path with 8-row blocks beat torch's fp32 GEMM at every M up to 1024 on a 2-core EPYC,
 # benchmarks/bench_cpu.py --dtype float32).
 FMA_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_FMA_DENSE_MIN_M", "0"))
-# The same for bf16 x on the VDPBF16PS path without AMX, which keeps up with torch's bf16 GEMM
-# to a few hundred rows (benchmarks/bench_cpu.py on a 2-core EPYC: equal at 256-384 rows).
-DP_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_DENSE_MIN_M", "256"))
+# The same for bf16 x on the VDPBF16PS path without AMX, by layer size: that path re-reads the
+# codes once per 8 rows of x, from L2 where they fit, so it is ahead of the dequantize + GEMM path
+# up to 512 rows for layers of less than DP_LARGE_BYTES of codes, and behind it from 384 rows
+# for larger ones (2-core EPYC, 1 MB of L2 per core, the SmolLM2 and 1B shapes, both paths
+# timed round-robin: benchmarks/tuning/cpu_dense_crossover.py,
+# benchmarks/results/cpu_dense_crossover_epyc.txt).
+DP_DENSE_MIN_M = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_DENSE_MIN_M", "384"))
+DP_DENSE_MIN_M_SMALL = int(os.environ.get("VLLM_INT4XPU_CPU_NATIVE_DP_DENSE_MIN_M_SMALL", "1024"))
+DP_LARGE_BYTES = 1 << 20
 _SCRATCH: dict = {}
 
 
@@ -304,7 +311,8 @@ class CpuNativeKernel(Int4Kernel):
         """Rows from which the dense path serves (0: never) for this layer and x dtype."""
         bf16 = x_dtype == torch.bfloat16
         if bf16 and dp_built():
-            dense_from = DP_DENSE_MIN_M
+            large = self.spec.in_features * self.spec.out_features // 2 >= DP_LARGE_BYTES
+            dense_from = DP_DENSE_MIN_M if large else DP_DENSE_MIN_M_SMALL
         elif not bf16 and fma_built():
             dense_from = FMA_DENSE_MIN_M
         else:

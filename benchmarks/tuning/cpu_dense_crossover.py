@@ -1,0 +1,75 @@
+"""Where the cpu_native kernel's bf16 calls should leave the VDPBF16PS path for the dequantize +
+GEMM path on a CPU without AMX (``DP_DENSE_MIN_M``): both paths and bf16 ``F.linear`` timed
+round-robin in one run (one call of each per round, median over rounds), per shape and M.
+
+    .venv/bin/python benchmarks/tuning/cpu_dense_crossover.py [--preset smollm2,1b]
+                                                              [--ms 128,256,384,512,1024]
+
+Prints median ms of ``bf16``, ``dp`` (the VDPBF16PS path at this M) and ``dense`` (w dequantized
+into the reused buffer, torch's GEMM of x @ w^T), each path's speed relative to bf16, and which
+path is faster. Group 64, integer zero points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_cpu import PRESETS  # noqa: E402
+from vllm_int4xpu.kernels import cpu_native  # noqa: E402
+from vllm_int4xpu.kernels.base import Int4LinearSpec  # noqa: E402
+from vllm_int4xpu.weight import ZeroKind, quantize_rtn  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="smollm2,1b", help="bench_cpu.py presets, comma-separated")
+    ap.add_argument("--ms", default="128,256,384,512,1024")
+    ap.add_argument("--rounds", type=int, default=11)
+    args = ap.parse_args()
+    if not cpu_native.dp_built() or cpu_native.amx_enabled():
+        raise SystemExit("needs a CPU with AVX512-BF16 and without AMX (the dense path's case)")
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, group 64, bf16")
+    print(f"{'K x N':>11} {'M':>5} {'bf16 ms':>8} {'dp ms':>8} {'dense ms':>8} "
+          f"{'dp x bf16':>9} {'dns x bf16':>10}  faster")
+    for preset in args.preset.split(","):
+        for shape in PRESETS[preset].split(","):
+            K, N = map(int, shape.split("x"))
+            w = quantize_rtn(torch.randn(N, K) * 0.05, 64, ZeroKind.INT)
+            kern = cpu_native.CpuNativeKernel(Int4LinearSpec.of(w, torch.bfloat16, "cpu"))
+            prepared = kern.prepare(w)
+            tensors = [prepared[n] for n in kern.tensor_names]
+            wd = torch.randn(N, K, dtype=torch.bfloat16)
+
+            def path(dense_from):
+                def run(x):
+                    cpu_native.DP_DENSE_MIN_M = dense_from
+                    return kern.apply(tensors, x)
+                return run
+            for M in map(int, args.ms.split(",")):
+                x = torch.randn(M, K, dtype=torch.bfloat16)
+                fns = {"bf16": lambda x: F.linear(x, wd), "dp": path(1 << 30), "dense": path(1)}
+                times = {k: [] for k in fns}
+                for fn in fns.values():
+                    fn(x)
+                for _ in range(args.rounds):
+                    for k, fn in fns.items():
+                        t = time.perf_counter()
+                        fn(x)
+                        times[k].append(time.perf_counter() - t)
+                ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+                print(f"{shape:>11} {M:>5} {ms['bf16']:8.3f} {ms['dp']:8.3f} {ms['dense']:8.3f} "
+                      f"{ms['bf16'] / ms['dp']:9.2f} {ms['bf16'] / ms['dense']:10.2f}  "
+                      f"{'dp' if ms['dp'] < ms['dense'] else 'dense'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
