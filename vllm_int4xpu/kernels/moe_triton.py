@@ -164,8 +164,11 @@ class TritonMoEKernel(Int4MoEKernel):
             ids = ids.to(torch.int32)
         ids = ids.contiguous()
         topw = topk_weights.reshape(-1).to(torch.float32).contiguous()
+        pairs_per_program = cfg.get("PAIRS", 1)
         if cfg["path"] == "dot":
             sorting = fm.sort_pairs_triton(ids, E, cfg["BLOCK_M"])
+        elif pairs_per_program == 2:
+            sorting = fm.sort_pairs_triton(ids, E, 2)
         elif cfg.get("SORTED"):
             sorting = torch.argsort(ids, stable=True).to(torch.int32)
         else:
@@ -175,7 +178,7 @@ class TritonMoEKernel(Int4MoEKernel):
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
-                      num_stages=cfg.get("stages", 2))
+                      num_stages=cfg.get("stages", 2), PAIRS=pairs_per_program)
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],
