@@ -47,6 +47,8 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # 286 µs). FEW_PROGRAMS (dot): the down launch used where the down GEMM would have fewer than
 # 4 programs per SM (DOWN_MIN_PROGRAMS) with BLOCK_N_2 128: narrower N tiles and K split in two
 # (Mixtral-8x7B at 16 and 64 tokens: 406 vs 426 and 442 vs 467 µs).
+# PAIRS (gemv, a launch option no row takes until the gemv_pairs sweep has timed it): 2 = one
+# program per block of two sorted pairs of one expert, each weight word unpacked once for both.
 # Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
 # Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
 # (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_sweep_gemv_serial_h100.txt,
