@@ -1,6 +1,7 @@
 """Where the cpu_native kernel's bf16 calls should leave the VDPBF16PS path for the dequantize +
-GEMM path on a CPU without AMX (``DP_DENSE_MIN_M``): both paths and bf16 ``F.linear`` timed
-round-robin in one run (one call of each per round, median over rounds), per shape and M.
+GEMM path on a CPU without AMX (``DP_DENSE_MIN_M`` / ``DP_DENSE_MIN_M_SMALL``): both paths and
+bf16 ``F.linear`` timed round-robin in one run (one call of each per round, median over rounds),
+per shape and M.
 
     .venv/bin/python benchmarks/tuning/cpu_dense_crossover.py [--preset smollm2,1b]
                                                               [--ms 128,256,384,512,1024]
@@ -49,9 +50,9 @@ def main():
             tensors = [prepared[n] for n in kern.tensor_names]
             wd = torch.randn(N, K, dtype=torch.bfloat16)
 
-            def path(dense_from):
+            def path(dense_from):  # either path at every M, whatever the layer's size
                 def run(x):
-                    cpu_native.DP_DENSE_MIN_M = dense_from
+                    cpu_native.DP_DENSE_MIN_M = cpu_native.DP_DENSE_MIN_M_SMALL = dense_from
                     return kern.apply(tensors, x)
                 return run
             for M in map(int, args.ms.split(",")):

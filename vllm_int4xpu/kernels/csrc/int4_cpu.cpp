@@ -172,6 +172,20 @@ inline int code_at(const uint8_t* qj, int64_t p, int64_t c, int h) {
     return (qj[code_byte(p, c, h)] >> code_shift(p)) & 0x0f;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 fp32 -> 16 bf16 as f32_to_bf16 rounds them: integer round to nearest even, NaN kept quiet.
+inline __m256i bf16_round(__m512 f) {
+    const __m512i u = _mm512_castps_si512(f);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
 // Up to 16 values (one block row) into y as its dtype, rounded as store_from_f32 rounds them
 // (vectors where AVX-512 has them: a scalar loop per element costs more than a short K's
 // whole GEMM at many rows).
@@ -185,19 +199,8 @@ void store_block_row(void* y, int y_dt, int64_t row, int64_t N, int64_t n0, cons
         _mm512_mask_storeu_ps(static_cast<float*>(y) + i, m, f);
         return;
     }
-    __m256i h;
-    if (y_dt == BF16) {  // f32_to_bf16's integer rounding, NaN kept quiet
-        const __m512i u = _mm512_castps_si512(f);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        __m512i r = _mm512_srli_epi32(
-            _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-            _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-        h = _mm512_cvtepi32_epi16(r);
-    } else {
-        h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
+    const __m256i h = y_dt == BF16 ? bf16_round(f)
+                                   : _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + i, m, h);
 #else
     for (int64_t c = 0; c < cols; ++c) store_from_f32(y, row * N + n0 + c, v[c], y_dt);
@@ -636,13 +639,6 @@ int int4_pack_blocks(const int32_t* qweight, int64_t N, int64_t K, uint8_t* qb, 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 fp32 -> 16 bf16, rounded to nearest even (as f32_to_bf16 rounds finite values).
-inline __m256i bf16_round(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(
-        _mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
 
 // Index vectors of the two-stage 8 x 16 -> 16 x 8 transpose of 16-bit values in
 // int4_dequant: stage 1 puts k = 0..3 (or 4..7) of channels c0..c0+7 side by side, stage 2

@@ -218,6 +218,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
                  mask=n_mask)
         if PAIRS == 2:
             h1 = _act(acc1, ACT) * acc1_u
+            # valid1 broadcast as a vector: the interpreter refuses a scalar in a mask
             tl.store(out_ptr + pair1.to(tl.int64) * N + offs_n,
                      h1.to(out_ptr.dtype.element_ty),
                      mask=n_mask & ((offs_n * 0 + valid1.to(tl.int32)) != 0))
