@@ -238,13 +238,6 @@ SWEEP = {
     "sorted_group": [_row(*r, path="gemv", SORTED=True, SERIAL=False, GROUP_M=g)
                      for g in (1, 8, 64) for r in (
         (16, 256, 1, 32, 256, 8, 1), (64, 128, 1, 128, 128, 4, 2), (32, 256, 2, 64, 256, 4, 2))],
-    # gemv over blocks of two sorted pairs of one expert (PAIRS 2: each weight word loaded and
-    # unpacked once for both); run with --sweep-set gemv_pairs
-    "gemv_pairs": [_row(*r, path="gemv", PAIRS=2, SERIAL=se) for *r, se in (
-        (16, 128, 1, 32, 128, 8, 1, True), (32, 128, 1, 64, 128, 4, 2, True),
-        (16, 128, 2, 32, 128, 8, 1, True), (32, 128, 2, 32, 128, 8, 1, True),
-        (8, 128, 1, 16, 128, 8, 1, True), (64, 128, 4, 64, 128, 4, 2, True),
-        (16, 128, 1, 32, 128, 8, 1, False))],
     # prefill rows with taller blocks (BLOCK_M 128 / 256: each dequantized weight tile serves
     # more rows) and wider N tiles with 8 warps; run with --sweep-set large_dot
     "large_dot": [_row(*r, path="dot", FRAG=2, BLOCK_M=bm, stages=st) for bm, *r, st in (

@@ -174,46 +174,6 @@ def test_gemv_serial_reduce(zero_kind, group, top_k, act_order, block_k, M, spli
     assert torch.equal(kern.apply(t, x, tw, ids, config=dict(cfg, SERIAL=False)), y)
 
 
-# (zero kind, group, top-k, act-order, M, SPLIT_K, SERIAL, dtype): the gemv path over blocks of
-# two sorted pairs of one expert (PAIRS 2); M tokens over 6 of 8 experts, so experts hold odd
-# and even pair counts (a block's second entry is padding for odd ones) and two are idle.
-PAIRS2 = [
-    (ZeroKind.NONE, 32, 2, False, 5, 2, True, torch.float16),
-    (ZeroKind.INT, 64, 4, True, 3, 1, False, torch.bfloat16),
-    (ZeroKind.FLOAT, -1, 2, False, 7, 4, True, torch.float16),
-    (ZeroKind.INT, 32, 1, False, 4, 2, False, torch.float16),
-]
-
-
-@interpreted
-@pytest.mark.parametrize("zero_kind,group,top_k,act_order,M,split,serial,dtype", PAIRS2,
-                         ids=[f"{z.value}-g{g}-k{k}{'-act' if a else ''}-M{m}-s{sp}"
-                              f"{'-serial' if se else ''}-{str(d)[6:]}"
-                              for z, g, k, a, m, sp, se, d in PAIRS2])
-def test_gemv_two_pairs_per_program(zero_kind, group, top_k, act_order, M, split, serial, dtype):
-    from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
-    E, H, I = 8, 192, 128
-    w13, w2, kern, t = make_layer(E, H, I, group, zero_kind, dtype, act_order, seed=M + top_k)
-    for seed in range(M, M + 50):  # a routing with padded and full blocks
-        tw, ids = routing(M, E, top_k, seed=seed, experts=[0, 1, 3, 4, 6, 7])
-        counts = torch.bincount(ids.flatten(), minlength=E)
-        if (counts % 2 == 1).any() and (counts >= 2).any():
-            break
-    assert (counts % 2 == 1).any() and (counts >= 2).any()
-    x = torch.randn(M, H, dtype=dtype)
-    # K tiles of one group (PAIRS 2 never takes tiles of several groups, whose sums run in
-    # another order), so that one pair per program is the bit-exact twin below
-    bk = group if group > 0 else 64
-    cfg = dict(GEMV, PAIRS=2, SERIAL=serial, SPLIT_K=split, BLOCK_K_13=bk, BLOCK_K_2=bk)
-    ref = reference_moe(x, w13, w2, tw, ids)
-    y = kern.apply(t, x, tw, ids, config=cfg)
-    assert rel(y, ref) < TOL[dtype]
-    assert int(tile_counters(x.device).abs().sum()) == 0
-    # the same sums per pair as one pair per program (the unpacked weights shared, the order of
-    # every fp32 sum unchanged)
-    assert torch.equal(kern.apply(t, x, tw, ids, config=dict(cfg, PAIRS=1)), y)
-
-
 @interpreted
 def test_dot_several_blocks_per_expert():
     """Many rows on few experts: several (partly padded) BLOCK_M blocks per expert."""
@@ -304,8 +264,10 @@ def test_dispatch_rule():
     few = mt.choose_moe_config(32, 8, 4096, 14336)  # 16 Mixtral tokens: ~10 blocks x 32 tiles
     assert few["path"] == "dot" and few["SPLIT_K"] == 2 and few["BLOCK_N_2"] == 64
     assert mt.choose_moe_config(128, 128, 2048, 768)["SPLIT_K"] == 1
-    big = mt.choose_moe_config(4096 * 8, 128, 2048, 768)
-    assert big["path"] == "dot" and big["BLOCK_M"] >= 32
+    big = mt.choose_moe_config(4096 * 8, 128, 2048, 768)  # 256 pairs per expert: 128-row blocks
+    assert big["path"] == "dot" and big["BLOCK_M"] == 128
+    assert mt.choose_moe_config(1024 * 2, 8, 4096, 14336)["BLOCK_M"] == 128  # Mixtral, 1024 tokens
+    assert mt.choose_moe_config(1024 * 8, 128, 2048, 768)["BLOCK_M"] == 32  # Qwen, 1024 tokens
     for pairs in (1, 8, 64, 512, 4096, 32768):  # every row is complete
         cfg = mt.choose_moe_config(pairs, 128, 2048, 768)
         assert {"path", "BLOCK_N_13", "BLOCK_K_13", "BLOCK_N_2", "BLOCK_K_2"} <= set(cfg)

@@ -47,8 +47,6 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # 286 µs). FEW_PROGRAMS (dot): the down launch used where the down GEMM would have fewer than
 # 4 programs per SM (DOWN_MIN_PROGRAMS) with BLOCK_N_2 128: narrower N tiles and K split in two
 # (Mixtral-8x7B at 16 and 64 tokens: 406 vs 426 and 442 vs 467 µs).
-# PAIRS (gemv, a launch option no row takes until the gemv_pairs sweep has timed it): 2 = one
-# program per block of two sorted pairs of one expert, each weight word unpacked once for both.
 # Rows: the fastest of the candidates of benchmarks/bench_moe.py --sweep (fp16, group 128,
 # Qwen3-30B-A3B and Mixtral-8x7B shapes): gemv rows timed on an H100, dot rows on an H200
 # (benchmarks/results/bench_moe_sweep_gemv_h100.txt, bench_moe_sweep_gemv_serial_h100.txt,
@@ -56,7 +54,11 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # (--sweep-set decode_dot, bench_moe_sweep_decode_dot_h100.txt). Program order (GROUP_M 8 / all
 # rows) and PDL, each row on an H100 (--sweep-set order_pdl,
 # benchmarks/results/bench_moe_sweep_order_pdl_h100.txt): no row moved by more than the
-# run-to-run spread, so both stay at their defaults (GROUP_M 1, no PDL).
+# run-to-run spread, so both stay at their defaults (GROUP_M 1, no PDL). Taller blocks at 1024 /
+# 4096 tokens, H100 (--sweep-set large_dot, bench_moe_sweep_large_dot_h100.txt): BLOCK_M 128 with
+# the default tiles beat 64 at 256 pairs per expert (Qwen3-30B-A3B 4096 tokens 1098 vs 1155 µs,
+# Mixtral-8x7B 1024 tokens 2398 vs 2557 µs) and lost to 32 at 64 (Qwen 1024: 467 vs 417 µs),
+# hence 128 from 192 pairs per expert on; BLOCK_M 256 and 8-warp tiles were slower everywhere.
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3,
@@ -70,7 +72,7 @@ MOE_CONFIGS = {
                    MAX_PAIRS=64)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
-        (384.0, dict(_DOT, BLOCK_M=64)),
+        (192.0, dict(_DOT, BLOCK_M=64)),
         (float("inf"), dict(_DOT, BLOCK_M=128)),
     ],
 }
@@ -166,11 +168,8 @@ class TritonMoEKernel(Int4MoEKernel):
             ids = ids.to(torch.int32)
         ids = ids.contiguous()
         topw = topk_weights.reshape(-1).to(torch.float32).contiguous()
-        pairs_per_program = cfg.get("PAIRS", 1)
         if cfg["path"] == "dot":
             sorting = fm.sort_pairs_triton(ids, E, cfg["BLOCK_M"])
-        elif pairs_per_program == 2:
-            sorting = fm.sort_pairs_triton(ids, E, 2)
         elif cfg.get("SORTED"):
             sorting = torch.argsort(ids, stable=True).to(torch.int32)
         else:
@@ -180,7 +179,7 @@ class TritonMoEKernel(Int4MoEKernel):
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
-                      num_stages=cfg.get("stages", 2), PAIRS=pairs_per_program)
+                      num_stages=cfg.get("stages", 2))
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],

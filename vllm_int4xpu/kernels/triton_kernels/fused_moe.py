@@ -96,40 +96,24 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_ptr, ids_ptr,
-                    order_ptr, block_expert_ptr, npad_ptr, topw_ptr, P, N, K, GROUP, stride_am,
-                    stride_qe, stride_qn, stride_se, stride_pe, one_bits, A_DIV: tl.constexpr,
-                    GATED: tl.constexpr, ACT: tl.constexpr, SORTED: tl.constexpr,
-                    PAIRS: tl.constexpr, ZERO_KIND: tl.constexpr, HAS_PERM: tl.constexpr,
-                    SPLIT_K: tl.constexpr, SERIAL: tl.constexpr, TOP_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr, GROUP_M: tl.constexpr,
-                    PDL: tl.constexpr):
+                    order_ptr, topw_ptr, P, N, K, GROUP, stride_am, stride_qe, stride_qn,
+                    stride_se, stride_pe, one_bits, A_DIV: tl.constexpr, GATED: tl.constexpr,
+                    ACT: tl.constexpr, SORTED: tl.constexpr, ZERO_KIND: tl.constexpr,
+                    HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
+                    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr,
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
     N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
     with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
-    for power-of-two groups and K a multiple of BLOCK_K).
-    PAIRS 2: one (N tile, block of 2 sorted pairs of one expert, K split) instead, blocks as
-    :func:`sort_pairs` makes them with block_m 2 (``order_ptr`` = sorted, the second entry may be
-    padding): each weight word is loaded and unpacked once for both pairs (GPT 1 only)."""
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_n, pid_p = _tile_ids(tl.program_id(0), tl.num_programs(0) // n_tiles, n_tiles, GROUP_M)
+    for power-of-two groups and K a multiple of BLOCK_K)."""
+    pid_n, pid_p = _tile_ids(tl.program_id(0), P, tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    if PAIRS == 2:
-        if pid_p * 2 >= tl.load(npad_ptr):
-            return  # past the last padded block
-        pair = tl.load(order_ptr + 2 * pid_p)  # a block's first entry is always a pair
-        pair1 = tl.load(order_ptr + 2 * pid_p + 1)
-        valid1 = pair1 < P
-        pair1 = tl.where(valid1, pair1, pair)  # padding: pair's row again, results masked
-        e = tl.load(block_expert_ptr + pid_p).to(tl.int64)
+    if SORTED:
+        pair = tl.load(order_ptr + pid_p)
     else:
-        if SORTED:
-            pair = tl.load(order_ptr + pid_p)
-        else:
-            pair = pid_p
-        pair1 = pair
-        valid1 = pair < 0
-        e = tl.load(ids_ptr + pair).to(tl.int64)
+        pair = pid_p
+    e = tl.load(ids_ptr + pair).to(tl.int64)
     if not GATED:
         pdl_wait(PDL)  # down reads h (gate_up's output) from here on
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,15 +125,12 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
     s_e = s_ptr + e * stride_se
     z_e = z_ptr + e * stride_se
     a_row = a_ptr + (pair // A_DIV).to(tl.int64) * stride_am
-    a_row1 = a_ptr + (pair1 // A_DIV).to(tl.int64) * stride_am
     perm_e = perm_ptr + e * stride_pe
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # PAIRS 2: the second pair's
-    acc1_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     if GPT > 1:
         acc, acc_u = _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi,
                                        offs_n, n_mask, N, NS, stride_qn, one_bits, GATED,
@@ -166,12 +147,8 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
         # (256 x + q x), so sum q x = sum t - sum(16 x_odd + 256 x_even), once per tile.
         t = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
         t_u = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
-        t1 = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
-        t1_u = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
         x_scaled = tl.zeros([BW], dtype=tl.float32)
         x_plain = tl.zeros([BW], dtype=tl.float32)
-        x1_scaled = tl.zeros([BW], dtype=tl.float32)
-        x1_plain = tl.zeros([BW], dtype=tl.float32)
         for p in tl.static_range(4):
             x_lo, x_hi = _x_planes(a_row, perm_e, k0 + 8 * offs_w + 2 * p, K, HAS_PERM, EVEN_K)
             x_lo256 = x_lo * 256.0
@@ -179,22 +156,10 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
             hi, lo = nibble_pair_as_float(words, p, one_bits)
             t += hi * x_hi16[None, :]
             t += lo * x_lo256[None, :]
-            if PAIRS == 2:
-                x1_lo, x1_hi = _x_planes(a_row1, perm_e, k0 + 8 * offs_w + 2 * p, K, HAS_PERM,
-                                         EVEN_K)
-                x1_lo256 = x1_lo * 256.0
-                x1_hi16 = x1_hi * 16.0
-                t1 += hi * x1_hi16[None, :]
-                t1 += lo * x1_lo256[None, :]
-                x1_scaled += x1_hi16 + x1_lo256
-                x1_plain += x1_hi + x1_lo
             if GATED:
                 hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
                 t_u += hi_u * x_hi16[None, :]
                 t_u += lo_u * x_lo256[None, :]
-                if PAIRS == 2:
-                    t1_u += hi_u * x1_hi16[None, :]
-                    t1_u += lo_u * x1_lo256[None, :]
             x_scaled += x_hi16 + x_lo256
             x_plain += x_hi + x_lo
         xs = tl.sum(x_scaled, 0)
@@ -202,40 +167,19 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
         g = group_of(k0, GROUP, GROUP_SHIFT)
         s, b = group_scale_offset(s_e, z_e, g, offs_n, n_mask, NS, ZERO_KIND)
         acc += s * (tl.sum(t, 1) - xs) + b * xp
-        if PAIRS == 2:
-            xs1 = tl.sum(x1_scaled, 0)
-            xp1 = tl.sum(x1_plain, 0)
-            acc1 += s * (tl.sum(t1, 1) - xs1) + b * xp1
         if GATED:
             s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n + N, n_mask, NS, ZERO_KIND)
             acc_u += s_u * (tl.sum(t_u, 1) - xs) + b_u * xp
-            if PAIRS == 2:
-                acc1_u += s_u * (tl.sum(t1_u, 1) - xs1) + b_u * xp1
     if GATED:
         pdl_launch_next(PDL)  # down's programs may take the slots this grid's tail frees
         h = _act(acc, ACT) * acc_u
         tl.store(out_ptr + pair.to(tl.int64) * N + offs_n, h.to(out_ptr.dtype.element_ty),
                  mask=n_mask)
-        if PAIRS == 2:
-            h1 = _act(acc1, ACT) * acc1_u
-            # valid1 broadcast as a vector: the interpreter refuses a scalar in a mask
-            tl.store(out_ptr + pair1.to(tl.int64) * N + offs_n,
-                     h1.to(out_ptr.dtype.element_ty),
-                     mask=n_mask & ((offs_n * 0 + valid1.to(tl.int32)) != 0))
     else:
         wt = tl.load(topw_ptr + pair)
-        if PAIRS == 2:
-            r2 = tl.arange(0, 2)
-            wt1 = tl.load(topw_ptr + pair1)
-            pairs = tl.where(r2 == 0, pair, pair1)
-            res = tl.where(r2[:, None] == 0, (acc * wt)[None, :], (acc1 * wt1)[None, :])
-            valid = (r2 == 0) | ((r2 * 0 + valid1.to(tl.int32)) != 0)
-            _down_epilogue(res, pairs, valid, offs_n, n_mask, out_ptr, y_ptr,
-                           cnt_ptr, pid_n, pid_k, P, N, n_tiles, TOP_K, SPLIT_K, SERIAL)
-        else:
-            pairs = pair + tl.zeros([1], dtype=tl.int32)
-            _down_epilogue((acc * wt)[None, :], pairs, pairs >= 0, offs_n, n_mask, out_ptr,
-                           y_ptr, cnt_ptr, pid_n, pid_k, P, N, n_tiles, TOP_K, SPLIT_K, SERIAL)
+        pairs = pair + tl.zeros([1], dtype=tl.int32)
+        _down_epilogue((acc * wt)[None, :], pairs, pairs >= 0, offs_n, n_mask, out_ptr, y_ptr,
+                       cnt_ptr, pid_n, pid_k, P, N, tl.cdiv(N, BLOCK_N), TOP_K, SPLIT_K, SERIAL)
 
 
 @triton.jit
@@ -549,11 +493,10 @@ def serial_ok(M: int, N: int, block_n: int) -> bool:
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2, PAIRS=1):
+             FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
-    ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs), and for the
-    gemv path with PAIRS 2 (block_m 2).
+    ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
     gemv path, ``y`` [M, N] given (down only, :func:`serial_ok`): the down GEMM also reduces
     into y, and no reduce launch is needed. Returns whether y was written."""
     n_rows = qweight.shape[1]
@@ -563,8 +506,7 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     split = 1 if gated else SPLIT_K
     bk = _block_k(BLOCK_K, group, K)
     gpt = 1
-    if (path == "gemv" and PAIRS == 1 and group < K and BLOCK_K > group
-            and group & (group - 1) == 0):
+    if path == "gemv" and group < K and BLOCK_K > group and group & (group - 1) == 0:
         # tiles of several groups, only where every tile is whole (K % tile == 0; K splits
         # start on tile boundaries)
         t = triton.next_power_of_2(BLOCK_K)
@@ -586,16 +528,12 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         ids = topk_ids.reshape(-1)
         cnt = tile_counters(a.device) if serial else ids
         yy = y if serial else out
-        if PAIRS == 2:
-            order, block_expert, npad = sorting
-            grid = (triton.cdiv(N, BLOCK_N) * block_expert.numel(), split)
-        else:
-            order, block_expert, npad = (sorting if SORTED else ids), ids, ids
-            grid = (triton.cdiv(N, BLOCK_N) * P, split)
+        grid = (triton.cdiv(N, BLOCK_N) * P, split)
+        order = sorting if SORTED else ids
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
-                              block_expert, npad, topk_weights, P, N, K, group, *strides,
-                              ONE_BITS, SORTED=bool(SORTED), PAIRS=int(PAIRS), SERIAL=serial,
-                              TOP_K=top_k, EVEN_K=K % bk == 0, GPT=gpt, **common)
+                              topk_weights, P, N, K, group, *strides, ONE_BITS,
+                              SORTED=bool(SORTED), SERIAL=serial, TOP_K=top_k,
+                              EVEN_K=K % bk == 0, GPT=gpt, **common)
         return serial
     sorted_ids, block_expert, npad = sorting
     frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
