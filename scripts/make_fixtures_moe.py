@@ -1,8 +1,9 @@
 """Write mixture-of-experts int4 fixtures, each with its producer's own library.
 
-    /work/llmc-venv/bin/python      scripts/make_fixtures_moe.py moe_ct_sym_g32 moe_ct_asym_g32
+    /work/llmc-venv/bin/python      scripts/make_fixtures_moe.py moe_ct_sym_g32 moe_ct_asym_g32 \\
+        moe_qwen3_ct_asym_g32
     /work/producers-venv/bin/python scripts/make_fixtures_moe.py moe_ar_gptq_sym_g32 \\
-        moe_ar_gptq_asym_g32 moe_ar_awq_asym_g32 moe_mixtral_ar_gptq_sym_g32
+        moe_ar_gptq_asym_g32 moe_ar_awq_asym_g32 moe_mixtral_ar_gptq_sym_g32 moe_qwen3_ar_asym_g32
     /work/hqq-venv/bin/python       scripts/make_fixtures_moe.py moe_hqq_g32
 
 (With no names, it makes every variant whose producer is importable in the running venv.)
@@ -64,6 +65,11 @@ VARIANTS = {
     "moe_ar_awq_asym_g32": ("auto-round", "qwen2_moe", dict(fmt="auto_awq", sym=False)),
     "moe_mixtral_ar_gptq_sym_g32": ("auto-round", "mixtral", dict(fmt="auto_gptq", sym=True)),
     "moe_hqq_g32": ("hqq", "qwen2_moe", dict()),
+    # Qwen3-MoE with the plain recipe (ignore lm_head only): transformers 5 builds its router as
+    # a module of its own (not nn.Linear), so it stays bf16 without being listed in "ignore",
+    # while vLLM 0.32 builds that router with the quantization method
+    "moe_qwen3_ct_asym_g32": ("llmcompressor", "qwen3_moe", dict(sym=False, ignore_routers=False)),
+    "moe_qwen3_ar_asym_g32": ("auto-round", "qwen3_moe", dict(fmt="auto_round", sym=False)),
 }
 
 
@@ -112,7 +118,7 @@ def copy_tree(src: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- llmcompressor
-def make_ct(name: str, arch: str, sym: bool):
+def make_ct(name: str, arch: str, sym: bool, ignore_routers: bool = True):
     import compressed_tensors
     import llmcompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -130,7 +136,8 @@ def make_ct(name: str, arch: str, sym: bool):
         # the preset "W4A16" is group 128; down_proj has K = 64, so a custom group-32 scheme
         wargs = dict(num_bits=4, type="int", symmetric=sym, strategy="group", group_size=G)
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**wargs))
-        kw = dict(config_groups={"group_0": scheme}, ignore=["lm_head"] + ROUTER_IGNORE)
+        kw = dict(config_groups={"group_0": scheme},
+                  ignore=["lm_head"] + (ROUTER_IGNORE if ignore_routers else []))
         oneshot(model=model, recipe=QuantizationModifier(**kw), processor=tok)
         out = fresh_dir(name)
         model.save_pretrained(str(out), save_compressed=True)

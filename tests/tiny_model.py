@@ -82,7 +82,7 @@ def _save_random(model, path: Path, vocab: int, dtype: torch.dtype) -> Path:
 def make_tiny_moe(path, arch: str = "qwen2_moe", vocab: int = 512, seed: int = 0,
                   dtype: torch.dtype = torch.bfloat16) -> Path:
     """A tiny random mixture-of-experts model: ``qwen2_moe`` (4 experts, a shared expert and its
-    gate) or ``mixtral`` (4 experts)."""
+    gate), ``qwen3_moe`` (4 experts, q/k norms) or ``mixtral`` (4 experts)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     common = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -99,6 +99,18 @@ def make_tiny_moe(path, arch: str = "qwen2_moe", vocab: int = 512, seed: int = 0
         from transformers import MixtralConfig, MixtralForCausalLM
         model = MixtralForCausalLM(MixtralConfig(intermediate_size=256, num_local_experts=4,
                                                  **common))
+    elif arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            intermediate_size=256, moe_intermediate_size=64, num_experts=4, head_dim=32,
+            norm_topk_prob=True, **common))
+    elif arch == "deepseek_v2":
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(
+            intermediate_size=256, moe_intermediate_size=64, n_routed_experts=4,
+            n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=512,
+            qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, topk_method="greedy",
+            n_group=1, topk_group=1, **common))
     else:
         raise ValueError(arch)
     return _save_random(model, path, vocab, dtype)

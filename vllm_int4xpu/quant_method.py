@@ -95,6 +95,8 @@ class Int4XPUConfig(QuantizationConfig):
         self.linear_prefixes: set[str] = set()
         self.moe_prefixes: dict[str, int] = {}  # MoE layer prefix -> number of experts
         self.hf_to_vllm = None  # the model's checkpoint -> vLLM name mapper (apply_vllm_mapper)
+        self._disk_index: Optional[dict[str, dict[str, str]]] = None  # see _disk_modules
+        self._dense_logged: set[str] = set()
 
     def __repr__(self) -> str:
         return f"Int4XPUConfig({self.fmt.describe() if self.fmt else 'no checkpoint format'})"
@@ -165,7 +167,7 @@ class Int4XPUConfig(QuantizationConfig):
         left unquantized load through vLLM's unquantized MoE method (None)."""
         if self.fmt is None:
             return None
-        quantized = {n: self.fmt.is_layer_quantized(n) for n in _expert_module_names(layer, prefix)}
+        quantized = {n: self._layer_quantized(n) for n in _expert_module_names(layer, prefix)}
         flags = set(quantized.values())
         if len(flags) > 1:
             raise Int4FormatError("some experts of this MoE layer are quantized and some are not",
@@ -182,14 +184,60 @@ class Int4XPUConfig(QuantizationConfig):
         last = prefix.rsplit(".", 1)[-1]
         shards = self.packed_modules_mapping.get(last)
         if not shards:
-            return self.fmt.is_layer_quantized(prefix)
+            return self._layer_quantized(prefix)
         base = prefix[: -len(last)]
-        flags = {self.fmt.is_layer_quantized(base + s) for s in shards}
+        flags = {self._layer_quantized(base + s) for s in shards}
         if len(flags) > 1:
             raise Int4FormatError("fused layer has both quantized and unquantized parts",
                                   tensor=prefix, expected="all or none of " + ", ".join(shards),
                                   found="a mix")
         return flags.pop()
+
+    def _layer_quantized(self, name: str) -> bool:
+        if not self.fmt.is_layer_quantized(name):
+            return False
+        if self._stored_dense(name):
+            kind = re.sub(r"\.\d+\.", ".N.", name)
+            if kind not in self._dense_logged:  # once per kind of layer, not per layer
+                self._dense_logged.add(kind)
+                logger.info("int4xpu: %s is stored unquantized in the checkpoint (a float .weight) "
+                            "though its quantization config does not exclude it; layers like it "
+                            "load unquantized", name)
+            return False
+        return True
+
+    def _stored_dense(self, module: str) -> bool:
+        """True when the checkpoint holds ``module`` as a plain float ``.weight`` (and maybe a
+        ``.bias``) and no tensor of a quantized layout: a layer its producer left unquantized
+        without listing it (the routers of Qwen3-MoE, which vLLM 0.32 builds with the
+        quantization method, in checkpoints whose config names no skipped modules)."""
+        leaves = self._disk_modules().get(module)
+        return leaves is not None and leaves.get("weight") in _FLOAT_DTYPES \
+            and set(leaves) <= {"weight", "bias"}
+
+    def _disk_modules(self) -> dict[str, dict[str, str]]:
+        """module name -> {tensor leaf: safetensors dtype} of the local checkpoint (headers
+        only), under the names on disk and, where the model maps them, vLLM's names."""
+        if self._disk_index is None:
+            self._disk_index = {}
+            for f in _safetensors_files(self.model_dir):
+                try:
+                    from safetensors import safe_open
+                    with safe_open(f, "pt") as sf:
+                        items = [(n, sf.get_slice(n).get_dtype()) for n in sf.keys()]
+                except Exception:  # an unreadable file is reported by the loader itself
+                    continue
+                for n, dt in items:
+                    names = {n}
+                    if self.hf_to_vllm is not None:
+                        mapped = self.hf_to_vllm._map_name(n)
+                        if mapped:
+                            names.add(mapped)
+                    for m in names:
+                        if "." in m:
+                            mod, leaf = m.rsplit(".", 1)
+                            self._disk_index.setdefault(mod, {})[leaf] = dt
+        return self._disk_index
 
     def file_of(self, tensor_name: str) -> Optional[str]:
         """The checkpoint file holding ``tensor_name`` (for error messages)."""
@@ -202,6 +250,25 @@ class Int4XPUConfig(QuantizationConfig):
             return wm.get(tensor_name) or wm.get("model." + tensor_name) or os.path.basename(idx)
         single = os.path.join(self.model_dir, "model.safetensors")
         return "model.safetensors" if os.path.exists(single) else None
+
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+
+def _safetensors_files(model_dir: Optional[str]) -> list[str]:
+    """The checkpoint's safetensors files (none without a local directory)."""
+    if not model_dir:
+        return []
+    idx = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(idx):
+        try:
+            with open(idx) as f:
+                files = sorted(set(json.load(f).get("weight_map", {}).values()))
+        except (OSError, ValueError):
+            return []
+        return [os.path.join(model_dir, n) for n in files]
+    return sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir)
+                  if n.endswith(".safetensors"))
+
 
 def _make_param(spec: TensorSpec, data: torch.Tensor, loader):
     kw = dict(data=data, weight_loader=loader)
@@ -347,6 +414,10 @@ class Int4XPULinearMethod(LinearMethodBase):
         for s in layer.int4_specs:
             delattr(layer, s.name)
         _install_prepared(layer, kernel_cls, prepared, spec, "int4_", kernel.op_args())
+        # vLLM finds a quantized layer's device through its ``qweight`` (MLA's kv_b_proj, which
+        # it then dequantizes by calling apply on an identity; LoRA): the backend's first tensor,
+        # as a plain attribute (not a second parameter)
+        layer.qweight = getattr(layer, layer.int4_tensor_names[0]).data
 
     def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         tensors = [getattr(layer, n) for n in layer.int4_tensor_names]

@@ -90,9 +90,20 @@ def _is_skipped(tensor_name: str, skip: Iterable[str]) -> bool:
     return any(_module_matches(module, s) for s in skip)
 
 
-def moe_skips(linear_names: Iterable[str]) -> list[str]:
-    """The MOE_UNQUANTIZED entries that match a linear layer of this model (none for dense)."""
-    return [s for s in MOE_UNQUANTIZED if any(_is_skipped(n, [s]) for n in linear_names)]
+def moe_skips(weight_names: Iterable[str]) -> list[str]:
+    """The MOE_UNQUANTIZED entries that match a 2-D weight of this model (none for dense): its
+    nn.Linear layers and the 2-D weights on disk (transformers 5 builds some routers, Qwen3-MoE's,
+    as modules of their own, not nn.Linear; vLLM may still build them with the method)."""
+    return [s for s in MOE_UNQUANTIZED if any(_is_skipped(n, [s]) for n in weight_names)]
+
+
+def _weights_2d_on_disk(src: Path) -> set[str]:
+    names = set()
+    for f in _safetensors_files(src):
+        with safe_open(f, "pt") as sf:
+            names |= {n for n in sf.keys()
+                      if n.endswith(".weight") and len(sf.get_slice(n).get_shape()) == 2}
+    return names
 
 
 def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group_size: int = 64,
@@ -134,7 +145,7 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
         scale_dtype = torch.float16 if name == "float16" else torch.bfloat16
     skip = list(skip)
     linears = linear_weight_names(src)
-    moe = [s for s in moe_skips(linears) if s not in skip]
+    moe = [s for s in moe_skips(linears | _weights_2d_on_disk(src)) if s not in skip]
     if moe:
         logger.info("MoE routers stay unquantized (vLLM builds them without a quantization "
                     "method): skipping modules named %s", ", ".join(moe))
