@@ -61,3 +61,33 @@ def test_bits_8_config_is_refused():
     with pytest.raises(Int4FormatError, match="only 4-bit") as e:
         Int4XPUConfig.from_config({"quant_method": "int4xpu", "bits": 8, "group_size": 64})
     assert "expected=4" in str(e.value) and "found=8" in str(e.value)
+
+
+def test_layers_stored_dense_load_unquantized(tmp_path):
+    """A layer the config does not exclude but the checkpoint stores as a plain float .weight
+    (Qwen3-MoE routers in GPTQ checkpoints) is unquantized; int4 layers, a float weight beside
+    quantized tensors, and an integer .weight are not; names are also found through the model's
+    checkpoint -> vLLM name mapper once vLLM hands it over."""
+    import torch
+    from safetensors.torch import save_file
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from vllm_int4xpu.quant_method import Int4XPUConfig
+
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(4, 8, dtype=torch.bfloat16),
+               "model.layers.0.mlp.experts.0.up_proj.qweight": torch.zeros(1, 8, dtype=torch.int32),
+               "model.layers.0.mlp.experts.0.up_proj.scales": torch.zeros(1, 8),
+               "model.layers.0.self_attn.o_proj.weight": torch.zeros(8, 8),
+               "model.layers.0.self_attn.o_proj.weight_scale": torch.zeros(8, 1),
+               "model.layers.0.mlp.odd.weight": torch.zeros(8, 8, dtype=torch.int8)},
+              str(tmp_path / "model.safetensors"))
+    cfg = Int4XPUConfig.from_config({"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                     "desc_act": False, "sym": True})
+    cfg.maybe_update_config(str(tmp_path))
+    assert not cfg._layer_quantized("model.layers.0.mlp.gate")
+    assert cfg._layer_quantized("model.layers.0.mlp.experts.0.up_proj")
+    assert cfg._layer_quantized("model.layers.0.self_attn.o_proj")  # not a plain weight
+    assert cfg._layer_quantized("model.layers.0.mlp.odd")  # not a float weight
+    assert cfg._layer_quantized("model.layers.1.mlp.gate")  # not on disk: the config decides
+    cfg.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix={"model.": "model.language_model."}))
+    assert not cfg._layer_quantized("model.language_model.layers.0.mlp.gate")

@@ -96,6 +96,7 @@ class Int4XPUConfig(QuantizationConfig):
         self.moe_prefixes: dict[str, int] = {}  # MoE layer prefix -> number of experts
         self.hf_to_vllm = None  # the model's checkpoint -> vLLM name mapper (apply_vllm_mapper)
         self._disk_index: Optional[dict[str, dict[str, str]]] = None  # see _disk_modules
+        self._disk_index_mapped = False  # built with the model's name mapper
         self._dense_logged: set[str] = set()
 
     def __repr__(self) -> str:
@@ -218,21 +219,19 @@ class Int4XPUConfig(QuantizationConfig):
     def _disk_modules(self) -> dict[str, dict[str, str]]:
         """module name -> {tensor leaf: safetensors dtype} of the local checkpoint (headers
         only), under the names on disk and, where the model maps them, vLLM's names."""
-        if self._disk_index is None:
-            self._disk_index = {}
+        from safetensors import safe_open
+
+        mapper = self.hf_to_vllm
+        if self._disk_index is None or (mapper is not None and not self._disk_index_mapped):
+            self._disk_index, self._disk_index_mapped = {}, mapper is not None
             for f in _safetensors_files(self.model_dir):
                 try:
-                    from safetensors import safe_open
                     with safe_open(f, "pt") as sf:
                         items = [(n, sf.get_slice(n).get_dtype()) for n in sf.keys()]
                 except Exception:  # an unreadable file is reported by the loader itself
                     continue
                 for n, dt in items:
-                    names = {n}
-                    if self.hf_to_vllm is not None:
-                        mapped = self.hf_to_vllm._map_name(n)
-                        if mapped:
-                            names.add(mapped)
+                    names = {n, mapper._map_name(n) if mapper is not None else None} - {None}
                     for m in names:
                         if "." in m:
                             mod, leaf = m.rsplit(".", 1)
