@@ -127,7 +127,9 @@ def config_shapes(model_cfg: dict) -> dict[str, tuple[int, int]]:
             "down_proj": (inter, h)}
 
 
-def _safetensors_files(path: str) -> list[str]:
+def safetensors_files(path: str) -> list[str]:
+    """The names of a checkpoint directory's safetensors files: those its index maps weights to,
+    else every ``*.safetensors`` in it."""
     idx = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(idx):
         with open(idx) as f:
@@ -182,7 +184,7 @@ def check_checkpoint(path: str, device_type: Optional[str] = None,
     # module prefix -> {suffix: (file, key)}
     where: dict[str, dict[str, tuple[str, str]]] = defaultdict(dict)
     linears = set()
-    for fname in _safetensors_files(path):
+    for fname in safetensors_files(path):
         try:
             with safe_open(os.path.join(path, fname), "pt") as f:
                 keys = list(f.keys())

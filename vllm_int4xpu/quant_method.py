@@ -221,12 +221,18 @@ class Int4XPUConfig(QuantizationConfig):
         only), under the names on disk and, where the model maps them, vLLM's names."""
         from safetensors import safe_open
 
+        from .inspect import safetensors_files
+
         mapper = self.hf_to_vllm
         if self._disk_index is None or (mapper is not None and not self._disk_index_mapped):
             self._disk_index, self._disk_index_mapped = {}, mapper is not None
-            for f in _safetensors_files(self.model_dir):
+            try:
+                files = safetensors_files(self.model_dir) if self.model_dir else []
+            except (OSError, ValueError, KeyError):  # a broken index: the loader reports it
+                files = []
+            for f in files:
                 try:
-                    with safe_open(f, "pt") as sf:
+                    with safe_open(os.path.join(self.model_dir, f), "pt") as sf:
                         items = [(n, sf.get_slice(n).get_dtype()) for n in sf.keys()]
                 except Exception:  # an unreadable file is reported by the loader itself
                     continue
@@ -250,23 +256,8 @@ class Int4XPUConfig(QuantizationConfig):
         single = os.path.join(self.model_dir, "model.safetensors")
         return "model.safetensors" if os.path.exists(single) else None
 
+
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
-
-
-def _safetensors_files(model_dir: Optional[str]) -> list[str]:
-    """The checkpoint's safetensors files (none without a local directory)."""
-    if not model_dir:
-        return []
-    idx = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(idx):
-        try:
-            with open(idx) as f:
-                files = sorted(set(json.load(f).get("weight_map", {}).values()))
-        except (OSError, ValueError):
-            return []
-        return [os.path.join(model_dir, n) for n in files]
-    return sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir)
-                  if n.endswith(".safetensors"))
 
 
 def _make_param(spec: TensorSpec, data: torch.Tensor, loader):

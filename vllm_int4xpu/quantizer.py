@@ -43,8 +43,9 @@ from .weight import Int4Weight, ZeroKind, quantize_rtn
 logger = logging.getLogger("vllm_int4xpu.quantize")
 SHARD_BYTES = 2 * 1024**3
 DEFAULT_SKIP = ("lm_head",)
-# Module names vLLM's MoE models create unquantized (ReplicatedLinear(..., quant_config=None)
-# routers); matched like skip entries (see formats.base._module_matches).
+# Module names of MoE routers, which vLLM's MoE models expect unquantized (most build them with
+# quant_config=None; Qwen3-MoE's with the method, so the checkpoint must list them as skipped);
+# matched like skip entries (see formats.base._module_matches).
 MOE_UNQUANTIZED = ("gate", "router", "shared_expert_gate")
 # A per-expert projection weight as checkpoints store it (experts.{e}.<proj>.weight).
 _EXPERT_WEIGHT = re.compile(r"(^|\.)experts\.\d+\.[^.]+\.weight$")
@@ -52,20 +53,28 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 METHODS = ("rtn", "hqq", "gptq")
 
 
-def linear_weight_names(src: Path) -> set[str]:
+def linear_weight_names(src: Path, weights_2d: Optional[set[str]] = None) -> set[str]:
     """Names of the ``<module>.weight`` tensors to quantize: those of ``nn.Linear`` modules of
     the model, plus every 2-D per-expert projection weight on disk (transformers 5 holds the
-    experts as fused 3-D parameters in memory, not as ``nn.Linear`` modules)."""
+    experts as fused 3-D parameters in memory, not as ``nn.Linear`` modules). ``weights_2d``:
+    :func:`weights_2d_on_disk` of ``src``, if the caller has it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    on_disk = weights_2d_on_disk(src) if weights_2d is None else weights_2d
+    return names | {n for n in on_disk if _EXPERT_WEIGHT.search(n)}
+
+
+def weights_2d_on_disk(src: Path) -> set[str]:
+    """Names of the 2-D ``.weight`` tensors in ``src``'s safetensors files (headers only)."""
+    names = set()
     for f in _safetensors_files(src):
         with safe_open(f, "pt") as sf:
-            names |= {n for n in sf.keys() if _EXPERT_WEIGHT.search(n)
-                      and len(sf.get_slice(n).get_shape()) == 2}
+            names |= {n for n in sf.keys()
+                      if n.endswith(".weight") and len(sf.get_slice(n).get_shape()) == 2}
     return names
 
 
@@ -95,15 +104,6 @@ def moe_skips(weight_names: Iterable[str]) -> list[str]:
     nn.Linear layers and the 2-D weights on disk (transformers 5 builds some routers, Qwen3-MoE's,
     as modules of their own, not nn.Linear; vLLM may still build them with the method)."""
     return [s for s in MOE_UNQUANTIZED if any(_is_skipped(n, [s]) for n in weight_names)]
-
-
-def _weights_2d_on_disk(src: Path) -> set[str]:
-    names = set()
-    for f in _safetensors_files(src):
-        with safe_open(f, "pt") as sf:
-            names |= {n for n in sf.keys()
-                      if n.endswith(".weight") and len(sf.get_slice(n).get_shape()) == 2}
-    return names
 
 
 def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group_size: int = 64,
@@ -144,11 +144,12 @@ def quantize_model(src_dir: str | os.PathLike, out_dir: str | os.PathLike, group
         name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
         scale_dtype = torch.float16 if name == "float16" else torch.bfloat16
     skip = list(skip)
-    linears = linear_weight_names(src)
-    moe = [s for s in moe_skips(linears | _weights_2d_on_disk(src)) if s not in skip]
+    weights_2d = weights_2d_on_disk(src)
+    linears = linear_weight_names(src, weights_2d)
+    moe = [s for s in moe_skips(linears | weights_2d) if s not in skip]
     if moe:
-        logger.info("MoE routers stay unquantized (vLLM builds them without a quantization "
-                    "method): skipping modules named %s", ", ".join(moe))
+        logger.info("MoE routers stay unquantized (vLLM expects them unquantized): skipping "
+                    "modules named %s", ", ".join(moe))
         skip += moe
     files = _safetensors_files(src)
     targets = {n for f in files for n in _names(f) if n in linears and not _is_skipped(n, skip)}
