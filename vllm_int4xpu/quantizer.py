@@ -37,6 +37,7 @@ from .errors import Int4FormatError
 from .formats.base import _module_matches
 from .formats.native import NativeFormat
 from .hub import resolve_model
+from .inspect import safetensors_files
 from .quant_methods import quantize_hqq
 from .weight import Int4Weight, ZeroKind, quantize_rtn
 
@@ -53,19 +54,18 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 METHODS = ("rtn", "hqq", "gptq")
 
 
-def linear_weight_names(src: Path, weights_2d: Optional[set[str]] = None) -> set[str]:
+def linear_weight_names(src: Path, weights_2d: set[str]) -> set[str]:
     """Names of the ``<module>.weight`` tensors to quantize: those of ``nn.Linear`` modules of
     the model, plus every 2-D per-expert projection weight on disk (transformers 5 holds the
     experts as fused 3-D parameters in memory, not as ``nn.Linear`` modules). ``weights_2d``:
-    :func:`weights_2d_on_disk` of ``src``, if the caller has it."""
+    :func:`weights_2d_on_disk` of ``src``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     names = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
-    on_disk = weights_2d_on_disk(src) if weights_2d is None else weights_2d
-    return names | {n for n in on_disk if _EXPERT_WEIGHT.search(n)}
+    return names | {n for n in weights_2d if _EXPERT_WEIGHT.search(n)}
 
 
 def weights_2d_on_disk(src: Path) -> set[str]:
@@ -79,14 +79,12 @@ def weights_2d_on_disk(src: Path) -> set[str]:
 
 
 def _safetensors_files(src: Path) -> list[Path]:
-    idx = src / "model.safetensors.index.json"
-    if idx.exists():
-        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
-        return [src / f for f in files]
+    """:func:`inspect.safetensors_files` as paths, ``model.safetensors`` alone where it exists
+    without an index; none is an error."""
     single = src / "model.safetensors"
-    if single.exists():
+    if single.exists() and not (src / "model.safetensors.index.json").exists():
         return [single]
-    found = sorted(src.glob("*.safetensors"))
+    found = [src / f for f in safetensors_files(str(src))]
     if not found:
         raise Int4FormatError("no safetensors weights in the source model", file=str(src),
                               expected="model.safetensors or an index", found=os.listdir(src))
