@@ -245,6 +245,15 @@ SWEEP = {
         (128, 128, 64, 8, 128, 64, 1, 8, 4), (128, 256, 64, 8, 256, 64, 1, 8, 3),
         (256, 128, 64, 8, 128, 64, 1, 8, 3), (256, 128, 64, 8, 128, 64, 1, 8, 2),
         (256, 64, 128, 4, 64, 128, 1, 4, 2), (256, 128, 32, 8, 128, 32, 1, 8, 4))],
+    # dot rows with A's columns handed over in fragment order (XPERM_2: gate_up writes h in
+    # the down GEMM's order; XPERM_13: x gathered into gate_up's order by one launch first), so
+    # the kernels feed x to the MMA as loaded; run with --sweep-set xperm
+    "xperm": [dict(XPERM_2=True), dict(XPERM_13=True, XPERM_2=True),
+              dict(XPERM_13=True, XPERM_2=True, stages=4),
+              dict(XPERM_13=True, XPERM_2=True, stages=2)],
+    # 256 / 1024 tokens: block heights with both operands pre-permuted; --sweep-set xperm_m
+    "xperm_m": [dict(BLOCK_M=32, XPERM_13=True), dict(BLOCK_M=64, XPERM_13=True),
+                dict(BLOCK_M=128, XPERM_13=True), dict(BLOCK_M=64), dict(XPERM_2=False)],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -187,6 +187,45 @@ def test_dot_several_blocks_per_expert():
 
 
 @interpreted
+@pytest.mark.parametrize("frag,zero_kind,group", [(2, ZeroKind.INT, 128), (1, ZeroKind.FLOAT, -1),
+                                                  (2, ZeroKind.NONE, 32)])
+def test_dot_operands_pre_permuted(frag, zero_kind, group):
+    """XPERM_13 (x gathered into the gate_up's fragment order before the launch) and XPERM_2
+    (gate_up writes h in the down GEMM's fragment order): the same products in the same order as
+    the per-tile permute in the kernel, so bit-equal to it, alone and together; the orders taken
+    are the launches' own (K tiles of 128 for gate_up, 32 or 64 for down; a 32 group leaves
+    gate_up without one, so XPERM_13 is a no-op there)."""
+    H, I = 256, 128 if group != 32 else 96
+    w13, w2, kern, t = make_layer(4, H, I, group, zero_kind, torch.float16, seed=13)
+    tw, ids = routing(5, 4, 2, seed=2)
+    x = torch.randn(5, H, dtype=torch.float16)
+    base = dict(DOT, BLOCK_K_13=128, BLOCK_N_13=16, BLOCK_K_2=64, FRAG=frag, SPLIT_K=1)
+    y = kern.apply(t, x, tw, ids, config=base)
+    assert rel(y, reference_moe(x, w13, w2, tw, ids)) < TOL[torch.float16]
+    g13, g2 = kern.spec.group_w13, kern.spec.group_w2
+    op13 = fm.dot_operand(x.dtype, x.dtype, x.dtype, 1, g13, H, False, True, 16, 128, 1, frag,
+                          False)
+    op2 = fm.dot_operand(x.dtype, x.dtype, x.dtype, 1, g2, I, False, False, 16, 64, 1, frag,
+                         False)
+    # gate_up K tiles of a 32 group are below 128: no fragment order there (dot_operand)
+    assert fm.x_order(op13, H) == (None if group == 32 else (128, frag == 2))
+    assert fm.x_order(op2, I) == (32 if group == 32 else 64, frag == 2)
+    for knobs in (dict(XPERM_13=True), dict(XPERM_2=True), dict(XPERM_13=True, XPERM_2=True)):
+        assert torch.equal(kern.apply(t, x, tw, ids, config=dict(base, **knobs)), y), knobs
+
+
+def test_frag_positions_is_a_permutation_per_tile():
+    """The host twin maps every K tile onto itself, one to one, for each tile size and order."""
+    from vllm_int4xpu.kernels.triton_kernels.gemm import frag_positions
+    for bk in (32, 64, 128, 256):
+        for packed in (False, True):
+            pos = frag_positions(2 * bk, bk, packed)
+            assert torch.equal(pos.sort().values, torch.arange(2 * bk))
+            assert (pos // bk == torch.arange(2 * bk) // bk).all()
+            assert not torch.equal(pos, torch.arange(2 * bk))
+
+
+@interpreted
 @pytest.mark.parametrize("path", ["gemv", "dot"])
 def test_grouped_program_order(path):
     """GROUP_M rows (pairs or blocks) walking the N tiles together: every (N tile, row) is still

@@ -43,6 +43,12 @@ CONFIGS = {
     "dot128": dict(path="dot", BLOCK_M=128, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
                    BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1, warps_2=4, FRAG=2, stages=3,
                    GROUP_M=3),
+    "dot128_xperm": dict(path="dot", BLOCK_M=128, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                         BLOCK_N_2=128, BLOCK_K_2=64, SPLIT_K=1, warps_2=4, FRAG=2, stages=3,
+                         XPERM_13=True, XPERM_2=True),
+    "dot16_xperm2": dict(path="dot", BLOCK_M=16, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
+                         BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2, warps_2=4, FRAG=2,
+                         XPERM_2=True),
     "auto": None,
 }
 
@@ -98,6 +104,21 @@ def test_paths(cfg, zk, g):
         y = kern.apply(t, x.cuda(), tw.cuda(), ids.cuda(), config=CONFIGS[cfg])
         torch.cuda.synchronize()
         assert y.dtype == dtype and rel(y.cpu(), ref) < TOL[dtype], (cfg, zk, g, dtype)
+
+
+@pytest.mark.parametrize("base", ["dot16", "dot128", "dot32_frag1"])
+def test_pre_permuted_operands_bit_equal(base):
+    """XPERM_13 / XPERM_2 (A's columns in fragment order before the launch, no per-tile permute
+    in the kernel) compute the same products in the same order: bit-equal to the base row."""
+    dtype = torch.bfloat16 if base == "dot32_frag1" else torch.float16
+    w13, w2, kern, t = layer(8, 512, 384, 128, ZeroKind.INT, dtype, seed=3)
+    tw, ids = routing(200, 8, 2, seed=4, idle=(6,))
+    x = torch.randn(200, 512, dtype=dtype).cuda()
+    tw, ids = tw.cuda(), ids.cuda()
+    y = kern.apply(t, x, tw, ids, config=CONFIGS[base])
+    for knobs in (dict(XPERM_2=True), dict(XPERM_13=True, XPERM_2=True)):
+        assert torch.equal(kern.apply(t, x, tw, ids, config=dict(CONFIGS[base], **knobs)), y), \
+            knobs
 
 
 @pytest.mark.parametrize("M", [1, 4, 16, 64, 256, 1500])

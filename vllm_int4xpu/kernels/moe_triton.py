@@ -61,7 +61,7 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # hence 128 from 192 pairs per expert on; BLOCK_M 256 and 8-warp tiles were slower everywhere.
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
-            SPLIT_K=1, warps_2=4, FRAG=2, stages=3,
+            SPLIT_K=1, warps_2=4, FRAG=2, stages=3, XPERM_2=True,
             FEW_PROGRAMS=dict(BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2))
 MOE_CONFIGS = {
     "cuda": [
@@ -73,7 +73,7 @@ MOE_CONFIGS = {
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
         (192.0, dict(_DOT, BLOCK_M=64)),
-        (float("inf"), dict(_DOT, BLOCK_M=128)),
+        (float("inf"), dict(_DOT, BLOCK_M=128, XPERM_13=True)),
     ],
 }
 _ROW_KEYS = ("SERIAL_PAIRS", "MAX_PAIRS", "FEW_PROGRAMS")
@@ -180,10 +180,18 @@ class TritonMoEKernel(Int4MoEKernel):
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
                       num_stages=cfg.get("stages", 2))
+        h_order = None  # XPERM_2: gate_up writes h in the down GEMM's fragment order
+        if cfg["path"] == "dot" and cfg.get("XPERM_2") and common["num_stages"] <= 3:
+            h_order = fm.x_order(fm.dot_operand(
+                x.dtype, s2.dtype, z2.dtype, zk, spec.group_w2, I, p2.numel() > 0, False,
+                cfg["BLOCK_N_2"], cfg["BLOCK_K_2"], cfg["warps_2"], common["FRAG"], x.is_cuda), I)
+            if h_order and cfg["BLOCK_N_13"] % h_order[0]:
+                h_order = None  # a gate_up tile would write parts of two down K tiles' columns
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)
         fm.moe_gemm(x, q13, s13, z13, p13, zk, spec.group_w13, h, ids, topw, top_k, True,
                     act=_ACT_CODE[spec.activation], BLOCK_N=cfg["BLOCK_N_13"],
-                    BLOCK_K=cfg["BLOCK_K_13"], num_warps=cfg["warps_13"], **common)
+                    BLOCK_K=cfg["BLOCK_K_13"], num_warps=cfg["warps_13"],
+                    XPERM=cfg.get("XPERM_13", False), out_order=h_order, **common)
         split = cfg.get("SPLIT_K", 1)
         # the dot path's partials (P x H, large at prefill) in the activation dtype: half the
         # traffic of fp32 through the reduce, as vLLM's own intermediate; fp32 for the gemv path
@@ -194,6 +202,7 @@ class TritonMoEKernel(Int4MoEKernel):
                   and fm.serial_ok(M, H, cfg["BLOCK_N_2"]))
         if fm.moe_gemm(h, q2, s2, z2, p2, zk, spec.group_w2, ws, ids, topw, top_k, False,
                        BLOCK_N=cfg["BLOCK_N_2"], BLOCK_K=cfg["BLOCK_K_2"], SPLIT_K=split,
-                       num_warps=cfg["warps_2"], y=y if serial else None, **common):
+                       num_warps=cfg["warps_2"], y=y if serial else None, a_order=h_order,
+                       **common):
             return y  # the down GEMM's last arrivals reduced into y
         return fm.moe_reduce(ws, y, top_k)

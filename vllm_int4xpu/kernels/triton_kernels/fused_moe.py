@@ -45,6 +45,8 @@ Intel's Triton backend runs the same code (no inline PTX except behind FRAG 2's 
 the launcher enables on CUDA only).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -52,7 +54,7 @@ import triton.language as tl
 from .common import (MAX_TILES, ONE_BITS, group_of, group_scale_offset, group_shift,
                      interpreting, nibble_pair_as_float, pdl_launch_next, pdl_launch_option,
                      pdl_wait, tile_counters, use_pdl)
-from .gemm import _frag_rows, _group_affine, _tile_dot
+from .gemm import _frag_position, _frag_rows, _group_affine, _tile_dot, frag_positions
 
 
 @triton.jit
@@ -268,9 +270,13 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr,
                    FRAG: tl.constexpr, NUM_WARPS: tl.constexpr, USE_ASM: tl.constexpr,
-                   IEEE: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+                   IEEE: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+                   X_FRAG: tl.constexpr, OUT_BK: tl.constexpr, OUT_PACKED: tl.constexpr):
     """One (N tile, block of BLOCK_M sorted pairs of one expert, K split); outputs as
-    :func:`moe_gemv_kernel`. Accumulators are transposed, [BN, BM] (see gemm.py)."""
+    :func:`moe_gemv_kernel`. Accumulators are transposed, [BN, BM] (see gemm.py). X_FRAG: A's
+    columns are already in this launch's fragment order (no per-tile permute of x); OUT_BK
+    (gated): h's columns are written in the fragment order of the down GEMM's K tiles of OUT_BK
+    (OUT_PACKED: FRAG 2's order), which its X_FRAG then reads."""
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_n, pid_m = _tile_ids(tl.program_id(0), tl.num_programs(0) // n_tiles, n_tiles, GROUP_M)
     pid_k = tl.program_id(1)
@@ -316,18 +322,22 @@ def moe_dot_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, sorted_ptr, b
         words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
         s, b, c = _group_affine(s_e, z_e, g, offs_nl, nl_mask, NS, ZERO_KIND, PACKED, MAGIC)
         acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M, FRAG,
-                        NUM_WARPS, USE_ASM, IEEE, MAGIC)
+                        NUM_WARPS, USE_ASM, IEEE, MAGIC, X_FRAG)
         if GATED:
             words_u = tl.load(w_rows + N * stride_qn + wk[None, :], mask=wmask, other=0)
             s_u, b_u, c_u = _group_affine(s_e, z_e, g, offs_nl + N, nl_mask, NS, ZERO_KIND,
                                           PACKED, MAGIC)
             acc_u = _tile_dot(acc_u, words_u, x, s_u, b_u, c_u, one_bits, BLOCK_N, BLOCK_K,
-                              BLOCK_M, FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
+                              BLOCK_M, FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC, X_FRAG)
     mask = n_mask[:, None] & valid[None, :]
     if GATED:
         pdl_launch_next(PDL)
         h = _act(acc, ACT) * acc_u
-        offs = rows[None, :].to(tl.int64) * N + offs_n[:, None]
+        if OUT_BK:  # in the down GEMM's fragment order (N a multiple of OUT_BK)
+            cols = offs_n - offs_n % OUT_BK + _frag_position(offs_n % OUT_BK, OUT_BK, OUT_PACKED)
+        else:
+            cols = offs_n
+        offs = rows[None, :].to(tl.int64) * N + cols[:, None]
         tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         wt = tl.load(topw_ptr + rows, mask=valid, other=0.0)
@@ -490,15 +500,56 @@ def serial_ok(M: int, N: int, block_n: int) -> bool:
     return M * triton.cdiv(N, block_n) <= MAX_TILES
 
 
+def dot_operand(a_dtype, scales_dtype, zeros_dtype, zero_kind: int, group: int, K: int,
+                has_perm: bool, gated: bool, BLOCK_N: int, BLOCK_K: int, num_warps: int,
+                FRAG: int, cuda: bool):
+    """(FRAG, USE_ASM, BLOCK_K) a dot-path launch of these operands runs with: the fragment-order
+    weight operand where it compiles and the dtypes allow, packed (FRAG 2) only on CUDA."""
+    bk = _block_k(BLOCK_K, group, K)
+    frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
+    if has_perm or (gated and bk < 128):
+        # Triton 3.6 fails to compile the fragment-order operand (FRAG 1/2) with x gathered
+        # through perm, and in the gated GEMM with K tiles below 128 (PassManager failure in
+        # TritonGPUOptimizeDotOperands, seen on an H200): the portable unpack there.
+        frag = 0
+    if frag == 2 and (a_dtype not in (torch.bfloat16, torch.float16) or scales_dtype != a_dtype
+                      or (zero_kind == 2 and zeros_dtype != a_dtype)):
+        frag = 1
+    use_asm = frag == 2 and cuda and torch.version.hip is None and not interpreting()
+    if frag == 2 and not use_asm and not interpreting():
+        frag = 1  # no packed instructions here (XPU, ROCm)
+    return frag, use_asm, bk
+
+
+def x_order(operand, K: int):
+    """The (BLOCK_K, packed) fragment order a dot launch with ``operand`` (:func:`dot_operand`)
+    can take its A columns in, pre-permuted (X_FRAG), or None: FRAG 1/2 and whole K tiles."""
+    frag, _, bk = operand
+    return (bk, frag == 2) if frag and K % bk == 0 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _x_gather_index(K: int, block_k: int, packed: bool, device) -> torch.Tensor:
+    """idx with x[:, idx] = x's columns in fragment order (the inverse of frag_positions)."""
+    idx = torch.empty(K, dtype=torch.int64)
+    idx[frag_positions(K, block_k, packed)] = torch.arange(K)
+    return idx.to(device)
+
+
 def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, topk_ids,
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
-             FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2):
+             FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2, XPERM=False,
+             a_order=None, out_order=None):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
     gemv path, ``y`` [M, N] given (down only, :func:`serial_ok`): the down GEMM also reduces
-    into y, and no reduce launch is needed. Returns whether y was written."""
+    into y, and no reduce launch is needed. Returns whether y was written.
+    Dot path, A's columns in fragment order instead of permuted per K tile in the kernel:
+    ``XPERM`` (gate_up) gathers x into this launch's order (:func:`x_order`) first, where it has
+    one; ``a_order`` (down) says which order h was written in (the gate_up's ``out_order``),
+    used only if it is this launch's own; ``out_order`` (gate_up): write h in that order."""
     n_rows = qweight.shape[1]
     K = a.shape[1]
     N = n_rows // 2 if gated else n_rows
@@ -536,24 +587,29 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
                               EVEN_K=K % bk == 0, GPT=gpt, **common)
         return serial
     sorted_ids, block_expert, npad = sorting
-    frag = int(FRAG) if bk % 32 == 0 and BLOCK_N % (16 * num_warps) == 0 else 0
-    if has_perm or (gated and bk < 128):
-        # Triton 3.6 fails to compile the fragment-order operand (FRAG 1/2) with x gathered
-        # through perm, and in the gated GEMM with K tiles below 128 (PassManager failure in
-        # TritonGPUOptimizeDotOperands, seen on an H200): the portable unpack there.
-        frag = 0
-    if frag == 2 and (a.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != a.dtype
-                      or (zero_kind == 2 and zeros.dtype != a.dtype)):
-        frag = 1
-    use_asm = frag == 2 and a.is_cuda and torch.version.hip is None and not interpreting()
-    if frag == 2 and not use_asm and not interpreting():
-        frag = 1  # no packed instructions here (XPU, ROCm)
+    operand = dot_operand(a.dtype, scales.dtype, zeros.dtype, zero_kind, group, K, has_perm,
+                          gated, BLOCK_N, BLOCK_K, num_warps, FRAG, a.is_cuda)
+    frag, use_asm, bk = operand
+    order = x_order(operand, K)
+    if gated:
+        # (not with more than 3 stages: 4 gave NaN on an H100, Mixtral-8x7B at 4096 tokens)
+        x_frag = bool(XPERM) and order is not None and num_stages <= 3
+        if x_frag:
+            a = a.index_select(1, _x_gather_index(K, order[0], order[1], a.device))
+            strides = (a.stride(0),) + strides[1:]
+    else:
+        x_frag = a_order is not None
+        if x_frag and a_order != order:
+            raise ValueError(f"h written in fragment order {a_order}, this launch takes {order}")
+    out_bk, out_packed = out_order if gated and out_order is not None else (0, False)
+    if out_bk and N % out_bk:
+        raise ValueError(f"out_order tiles of {out_bk} do not divide N = {N}")
     grid = (triton.cdiv(N, BLOCK_N) * block_expert.numel(), split)
     moe_dot_kernel[grid](a, qweight, scales, zeros, pm, out, sorted_ids, block_expert, npad,
                          topk_weights, P, N, K, group, *strides, ONE_BITS, BLOCK_M=BLOCK_M,
                          FRAG=frag, NUM_WARPS=num_warps, USE_ASM=use_asm,
                          IEEE=a.dtype == torch.float32 or interpreting(), EVEN_K=K % bk == 0,
-                         **common)
+                         X_FRAG=x_frag, OUT_BK=out_bk, OUT_PACKED=out_packed, **common)
     return False
 
 

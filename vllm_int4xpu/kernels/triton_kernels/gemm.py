@@ -63,6 +63,36 @@ def _frag_order(x, R: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr)
 
 
 @triton.jit
+def _frag_position(k, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+    """Column of :func:`_frag_order`'s output that holds column k (0 <= k < BLOCK_K) of its input
+    tile: with k = 8I t + 8 i + 4 a + 2 b + c, 32 i + 16 b + 8 c + 2 t + a (PACKED) or
+    32 i + 16 a + 8 b + 2 t + c. A producer that stores k at this column hands the next GEMM its
+    x tile already in fragment order (its ``X_FRAG``); :func:`frag_positions` is the host twin."""
+    I: tl.constexpr = BLOCK_K // 32
+    t = k // (8 * I)
+    i = (k // 8) % I
+    a = (k // 4) % 2
+    b = (k // 2) % 2
+    c = k % 2
+    if PACKED:
+        return 32 * i + 16 * b + 8 * c + 2 * t + a
+    else:
+        return 32 * i + 16 * a + 8 * b + 2 * t + c
+
+
+def frag_positions(K: int, block_k: int, packed: bool) -> torch.Tensor:
+    """Host twin of :func:`_frag_position` over K channels in tiles of ``block_k`` (K a multiple
+    of it): pos[k] = the column that holds channel k once every tile is in fragment order."""
+    k = torch.arange(K, dtype=torch.int64)
+    base, r = k - k % block_k, k % block_k
+    n_i = block_k // 32
+    t, i, a, b, c = r // (8 * n_i), (r // 8) % n_i, (r // 4) % 2, (r // 2) % 2, r % 2
+    if packed:
+        return base + 32 * i + 16 * b + 8 * c + 2 * t + a
+    return base + 32 * i + 16 * a + 8 * b + 2 * t + c
+
+
+@triton.jit
 def _pairs_to_fragment_order(p0, p1, p2, p3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Four [BN, t, i, e0] pair tensors (p = 2 h + e1) -> [BN, BK] in fragment order
     k' = 32 i + 16 h + 8 e1 + 2 t + e0 (joins keep every element in the thread that loaded it)."""
@@ -177,11 +207,16 @@ def _dot(acc, w, xt, IEEE: tl.constexpr):
 @triton.jit
 def _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_M: tl.constexpr, FRAG: tl.constexpr, NUM_WARPS: tl.constexpr,
-              USE_ASM: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr):
-    """acc += dequant(words)[BN, BK] @ x[BM, BK]^T for one K tile (words in load order)."""
+              USE_ASM: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
+              X_FRAG: tl.constexpr):
+    """acc += dequant(words)[BN, BK] @ x[BM, BK]^T for one K tile (words in load order; with
+    X_FRAG, x's columns already in fragment order, so x goes to the MMA as loaded)."""
     PACKED: tl.constexpr = FRAG == 2
     if FRAG:  # both operands in the MMA-fragment k order (module docstring)
-        xt = tl.trans(_frag_order(x, BLOCK_M, BLOCK_K, PACKED))
+        if X_FRAG:
+            xt = tl.trans(x)
+        else:
+            xt = tl.trans(_frag_order(x, BLOCK_M, BLOCK_K, PACKED))
         if PACKED:
             w = _frag_dequant_packed(words, s, b, c, BLOCK_N, BLOCK_K, MAGIC, xt.dtype, USE_ASM)
         else:
@@ -248,7 +283,7 @@ def _gemm_tile(pid_n, pid_m, pid_k, n_tiles, x_ptr, qw_ptr, s_ptr, z_ptr, bias_p
             words = tl.load(qw_rows + wk[None, :], mask=nl_mask[:, None] & w_ok[None, :],
                             other=0)
             acc = _tile_dot(acc, words, x, s, b, c, one_bits, BLOCK_N, BLOCK_K, BLOCK_M,
-                            FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC)
+                            FRAG, NUM_WARPS, USE_ASM, IEEE, MAGIC, False)
         s, b, c = ns, nb, nc
     pdl_launch_next(PDL_TRIGGER)  # the next kernel may launch into the slots our tail frees
     y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
