@@ -187,31 +187,53 @@ def test_dot_several_blocks_per_expert():
 
 
 @interpreted
-@pytest.mark.parametrize("frag,zero_kind,group", [(2, ZeroKind.INT, 128), (1, ZeroKind.FLOAT, -1),
-                                                  (2, ZeroKind.NONE, 32)])
-def test_dot_operands_pre_permuted(frag, zero_kind, group):
+@pytest.mark.parametrize("frag,zero_kind,group", [(2, ZeroKind.INT, -1), (1, ZeroKind.FLOAT, -1),
+                                                  (2, ZeroKind.NONE, 32), (2, ZeroKind.FLOAT, 64)])
+def test_dot_operands_pre_permuted(frag, zero_kind, group, monkeypatch):
     """XPERM_13 (x gathered into the gate_up's fragment order before the launch) and XPERM_2
     (gate_up writes h in the down GEMM's fragment order): the same products in the same order as
-    the per-tile permute in the kernel, so bit-equal to it, alone and together; the orders taken
-    are the launches' own (K tiles of 128 for gate_up, 32 or 64 for down; a 32 group leaves
-    gate_up without one, so XPERM_13 is a no-op there)."""
-    H, I = 256, 128 if group != 32 else 96
-    w13, w2, kern, t = make_layer(4, H, I, group, zero_kind, torch.float16, seed=13)
-    tw, ids = routing(5, 4, 2, seed=2)
-    x = torch.randn(5, H, dtype=torch.float16)
-    base = dict(DOT, BLOCK_K_13=128, BLOCK_N_13=16, BLOCK_K_2=64, FRAG=frag, SPLIT_K=1)
+    the per-tile permute in the kernel, so bit-equal to it. The orders taken are the launches'
+    own (K tiles of 128 for gate_up, 32 or 64 for down; a 32 or 64 group leaves gate_up without
+    one, so XPERM_13 is a no-op there), and the h a pre-permuted gate_up writes is the plain h
+    with its columns moved to frag_positions (a wrong order could not pass)."""
+    H, I = 128, 64
+    w13, w2, kern, t = make_layer(3, H, I, group, zero_kind, torch.float16, seed=13)
+    tw, ids = routing(4, 3, 2, seed=2)
+    x = torch.randn(4, H, dtype=torch.float16)
+    base = dict(DOT, BLOCK_K_13=128, BLOCK_N_13=64, BLOCK_K_2=64, FRAG=frag, SPLIT_K=1)
+    seen = []  # (gated, x_order / out_order asked for, h written) per launch
+    real = fm.moe_gemm
+
+    def spy(a, q, s, z, p, zk, g, out, *args, **kw):
+        r = real(a, q, s, z, p, zk, g, out, *args, **kw)
+        seen.append((args[3], kw.get("XPERM"), kw.get("out_order"), kw.get("a_order"),
+                     out.clone()))
+        return r
+    monkeypatch.setattr(fm, "moe_gemm", spy)
     y = kern.apply(t, x, tw, ids, config=base)
     assert rel(y, reference_moe(x, w13, w2, tw, ids)) < TOL[torch.float16]
+    h_plain = seen[0][4]
     g13, g2 = kern.spec.group_w13, kern.spec.group_w2
-    op13 = fm.dot_operand(x.dtype, x.dtype, x.dtype, 1, g13, H, False, True, 16, 128, 1, frag,
-                          False)
-    op2 = fm.dot_operand(x.dtype, x.dtype, x.dtype, 1, g2, I, False, False, 16, 64, 1, frag,
-                         False)
-    # gate_up K tiles of a 32 group are below 128: no fragment order there (dot_operand)
-    assert fm.x_order(op13, H) == (None if group == 32 else (128, frag == 2))
-    assert fm.x_order(op2, I) == (32 if group == 32 else 64, frag == 2)
-    for knobs in (dict(XPERM_13=True), dict(XPERM_2=True), dict(XPERM_13=True, XPERM_2=True)):
+    zk = mt._ZERO_CODE[zero_kind]
+    (_, s13, z13, _, _, s2, z2, _) = t
+    order13 = fm.x_order(fm.dot_operand(x.dtype, s13.dtype, z13.dtype, zk, g13, H, False, True,
+                                        64, 128, 1, frag, False), H)
+    order2 = fm.x_order(fm.dot_operand(x.dtype, s2.dtype, z2.dtype, zk, g2, I, False, False, 16,
+                                       64, 1, frag, False), I)
+    # gate_up K tiles of a 32 or 64 group are below 128: no fragment order there (dot_operand);
+    # float zero points of another dtype than x take FRAG 1 (no packed pair)
+    packed = frag == 2 and (zero_kind != ZeroKind.FLOAT or z2.dtype == x.dtype)
+    assert order13 == (None if group in (32, 64) else (128, packed))
+    assert order2 == (32 if group == 32 else 64, packed)
+    from vllm_int4xpu.kernels.triton_kernels.gemm import frag_positions
+    for knobs in (dict(XPERM_2=True), dict(XPERM_13=True, XPERM_2=True)):
+        seen.clear()
         assert torch.equal(kern.apply(t, x, tw, ids, config=dict(base, **knobs)), y), knobs
+        (_, xperm, out_order, _, h), (_, _, _, a_order, _) = seen
+        assert out_order == a_order == order2 and bool(xperm) == ("XPERM_13" in knobs)
+        moved = torch.empty_like(h_plain)
+        moved[:, frag_positions(I, order2[0], order2[1])] = h_plain
+        assert torch.equal(h, moved) and not torch.equal(h, h_plain)
 
 
 def test_frag_positions_is_a_permutation_per_tile():
