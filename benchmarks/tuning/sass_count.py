@@ -8,6 +8,8 @@ issue-bound (BENCHMARKS.md), so fewer instructions alone do not predict a faster
     python benchmarks/tuning/sass_count.py gemv --block-n 128 --block-k 128 --num-warps 4 --m 1
     python benchmarks/tuning/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
     python benchmarks/tuning/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128 --frag 2
+    python benchmarks/tuning/sass_count.py moe_dot --gated --block-m 128 --block-n 64 --block-k 128 --frag 2 [--x-frag]
+    python benchmarks/tuning/sass_count.py moe_gemv --gated --block-n 16 --block-k 1024 --gpt 8 [--go]
 
 Prints the loop body's instruction histogram and instructions per weight per thread.
 Use the Triton version of the target machine for numbers that match it (e.g. PYTHONPATH to a
@@ -27,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from vllm_int4xpu.kernels.triton_kernels import gemm, gemv  # noqa: E402
+from vllm_int4xpu.kernels.triton_kernels import fused_moe, gemm, gemv  # noqa: E402
 
 POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16",
             "bias_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
@@ -36,7 +38,11 @@ _OP = re.compile(r"^\S*\t(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 # Integer arguments that the JIT sees as multiples of 16 on the benchmark shapes (it specializes
 # those, and 16-byte-aligned pointers, as "divisible by 16"; without the hint no load vectorizes).
-DIVISIBLE = ("N", "K", "GROUP", "stride_xm", "stride_ym", "stride_qn", "one_bits")
+DIVISIBLE = ("N", "K", "GROUP", "stride_xm", "stride_ym", "stride_qn", "one_bits",
+             "stride_am", "stride_qe", "stride_se", "stride_pe")
+MOE_POINTERS = {"a_ptr": "*bf16", "perm_ptr": "*i32", "out_ptr": "*bf16", "sorted_ptr": "*i32",
+                "block_expert_ptr": "*i32", "npad_ptr": "*i32", "topw_ptr": "*fp32",
+                "ids_ptr": "*i32", "order_ptr": "*i32"}
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
@@ -86,7 +92,7 @@ def loop_histogram(sass: str) -> collections.Counter:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("kernel", choices=["gemv", "gemm"])
+    ap.add_argument("kernel", choices=["gemv", "gemm", "moe_dot", "moe_gemv"])
     ap.add_argument("--block-m", type=int, default=16)
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--block-k", type=int, default=128)
@@ -105,6 +111,11 @@ def main():
                     help="gemm: 1 = persistent grid walking the tiles")
     ap.add_argument("--unroll", type=int, default=None, help="gemm: loop_unroll_factor")
     ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch waits")
+    ap.add_argument("--gated", action="store_true", help="moe_*: the gate_up GEMM (two tiles)")
+    ap.add_argument("--x-frag", action="store_true",
+                    help="moe_dot: A's columns already in fragment order (XPERM)")
+    ap.add_argument("--gpt", type=int, default=1, help="moe_gemv: groups per K tile")
+    ap.add_argument("--go", action="store_true", help="moe_gemv: groups-outer tiles (GO)")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
@@ -113,7 +124,23 @@ def main():
                   PDL=a.pdl)
     if a.m == 1:
         common["M"] = 1
-    if a.kernel == "gemv":
+    moe = dict(A_DIV=1, GATED=a.gated, ACT=0, ZERO_KIND=a.zero_kind, HAS_PERM=False,
+               SPLIT_K=1 if a.gated else a.split_k, BLOCK_N=a.block_n, BLOCK_K=a.block_k,
+               EVEN_K=True, GROUP_SHIFT=a.group_shift, GROUP_M=1, PDL=a.pdl)
+    if a.kernel.startswith("moe"):
+        POINTERS.update(MOE_POINTERS)
+        POINTERS["out_ptr"] = "*bf16" if a.gated or a.kernel == "moe_dot" else "*fp32"
+    if a.kernel == "moe_dot":
+        fn, cex = fused_moe.moe_dot_kernel, dict(moe, BLOCK_M=a.block_m, FRAG=a.frag,
+                                                 NUM_WARPS=a.num_warps, USE_ASM=a.frag == 2,
+                                                 IEEE=False, X_FRAG=a.x_frag, OUT_BK=0,
+                                                 OUT_PACKED=False)
+        weights = a.block_n * a.block_k * (2 if a.gated else 1)
+    elif a.kernel == "moe_gemv":
+        fn, cex = fused_moe.moe_gemv_kernel, dict(moe, SORTED=False, SERIAL=not a.gated,
+                                                  TOP_K=8, GPT=a.gpt, GO=a.go)
+        weights = a.block_n * a.block_k * (2 if a.gated else 1)
+    elif a.kernel == "gemv":
         fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,
                                               K_FASTEST=True,
                                               STAGES=a.stages)
@@ -131,7 +158,7 @@ def main():
     total = sum(hist.values())
     per_thread = weights / (32 * a.num_warps)
     print(f"{a.kernel} {cex} num_warps={a.num_warps}  triton {triton.__version__}")
-    rows = a.rows if a.kernel == "gemv" else a.block_m
+    rows = {"gemv": a.rows, "moe_gemv": 1}.get(a.kernel, a.block_m)
     print(f"loop body: {total} instructions per thread per K tile; {per_thread:.0f} weights per "
           f"thread per tile -> {total / per_thread:.2f} instructions per weight "
           f"({total / per_thread / rows:.2f} per weight and row of x, {rows} rows)")
