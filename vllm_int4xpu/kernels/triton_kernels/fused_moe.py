@@ -17,7 +17,8 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
 * **gemv** (:func:`moe_gemv_kernel`, decode): one program per (N tile, pair, K split) on CUDA
   cores; a pair reads its expert id itself, so no token sort is needed (``SORTED`` walks the pairs
   in expert order instead, so programs on the same expert run together and share its weight
-  through L2). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
+  through L2; ``GO`` holds tiles of several groups groups-outer, so each thread's converted x
+  values serve several rows). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
   (``common.nibble_pair_as_float``), so a weight costs ~half a shift, one LOP3 and one FMA; the
   group's scale and offset are applied once per K tile. A K tile may hold several whole groups
   (:func:`_gemv_multi_group`: power-of-two groups, K a multiple of the tile), which keeps more
@@ -30,7 +31,10 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
   fixed sizes), one program per (N tile, block, K split), the weight tile dequantized in
   registers and multiplied on tensor cores with the linear GEMM's tile
   (``gemm._tile_dot``: FRAG 2 packed dequantization on CUDA, FRAG 1 elsewhere). Blocks past the
-  padded count return at once, so experts without tokens cost one early exit per N tile.
+  padded count return at once, so experts without tokens cost one early exit per N tile. The
+  fragment order's permuted k is applied to A outside the K loop where the row allows (X_FRAG):
+  gate_up writes h in the down GEMM's order (``out_order``) and x can be gathered into gate_up's
+  order once (``XPERM``), so x goes from the pipelined shared-memory buffer to the MMA as loaded.
 
 Program order (both paths, ``GROUP_M``, :func:`_tile_ids`): the grid is one linear axis of
 (N tile, row) programs (rows are pairs or blocks), K splits on the second; GROUP_M rows walk
