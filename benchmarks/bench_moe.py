@@ -254,9 +254,6 @@ SWEEP = {
     # 256 / 1024 tokens: block heights with both operands pre-permuted; --sweep-set xperm_m
     "xperm_m": [dict(BLOCK_M=32, XPERM_13=True), dict(BLOCK_M=64, XPERM_13=True),
                 dict(BLOCK_M=128, XPERM_13=True), dict(BLOCK_M=64), dict(XPERM_2=False)],
-    # gemv rows with tiles of several groups held groups-outer (GO); dot rows run as they are;
-    # run with --sweep-set go
-    "go": [dict(GO=True, _path="gemv")],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
@@ -279,13 +276,7 @@ SWEEP = {
 
 
 def candidates(cfg, sweep_set=None):
-    """The row's own config, then each SWEEP entry applied to it (an entry with ``_path`` only
-    on rows of that path)."""
-    out = [dict(cfg)]
-    for c in SWEEP[sweep_set or cfg["path"]]:
-        if c.get("_path", cfg["path"]) == cfg["path"]:
-            out.append(dict(cfg, **{k: v for k, v in c.items() if k != "_path"}))
-    return out
+    return [dict(cfg)] + [dict(cfg, **c) for c in SWEEP[sweep_set or cfg["path"]]]
 
 
 def run_shape(name, shp, tokens, anchor, bw, peak, dtype, copies, routings, group=128,

@@ -9,7 +9,7 @@ issue-bound (BENCHMARKS.md), so fewer instructions alone do not predict a faster
     python benchmarks/tuning/sass_count.py gemv --block-n 64 --block-k 128 --num-warps 1 --rows 2 --stages 3
     python benchmarks/tuning/sass_count.py gemm --block-m 16 --block-n 64 --block-k 128 --frag 2
     python benchmarks/tuning/sass_count.py moe_dot --gated --block-m 128 --block-n 64 --block-k 128 --frag 2 [--x-frag]
-    python benchmarks/tuning/sass_count.py moe_gemv --gated --block-n 16 --block-k 1024 --gpt 8 [--go]
+    python benchmarks/tuning/sass_count.py moe_gemv --gated --block-n 16 --block-k 1024 --gpt 8
 
 Prints the loop body's instruction histogram and instructions per weight per thread.
 Use the Triton version of the target machine for numbers that match it (e.g. PYTHONPATH to a
@@ -115,7 +115,6 @@ def main():
     ap.add_argument("--x-frag", action="store_true",
                     help="moe_dot: A's columns already in fragment order (XPERM)")
     ap.add_argument("--gpt", type=int, default=1, help="moe_gemv: groups per K tile")
-    ap.add_argument("--go", action="store_true", help="moe_gemv: groups-outer tiles (GO)")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
@@ -138,7 +137,7 @@ def main():
         weights = a.block_n * a.block_k * (2 if a.gated else 1)
     elif a.kernel == "moe_gemv":
         fn, cex = fused_moe.moe_gemv_kernel, dict(moe, SORTED=False, SERIAL=not a.gated,
-                                                  TOP_K=8, GPT=a.gpt, GO=a.go)
+                                                  TOP_K=8, GPT=a.gpt)
         weights = a.block_n * a.block_k * (2 if a.gated else 1)
     elif a.kernel == "gemv":
         fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,

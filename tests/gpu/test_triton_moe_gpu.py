@@ -33,8 +33,6 @@ CONFIGS = {
     "gemv_serial": dict(path="gemv", SERIAL=True, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2,
                         BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=4, warps_2=2, GROUP_M=1024,
                         PDL=True),
-    "gemv_serial_go": dict(path="gemv", SERIAL=True, BLOCK_N_13=16, BLOCK_K_13=512, warps_13=2,
-                           BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2, GO=True),
     "dot16": dict(path="dot", BLOCK_M=16, BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4,
                   BLOCK_N_2=64, BLOCK_K_2=128, SPLIT_K=2, warps_2=4, FRAG=2, GROUP_M=8,
                   PDL=True),

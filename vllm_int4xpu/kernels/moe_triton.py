@@ -60,12 +60,10 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # Mixtral-8x7B 1024 tokens 2398 vs 2557 µs) and lost to 32 at 64 (Qwen 1024: 467 vs 417 µs),
 # hence 128 from 192 pairs per expert on; BLOCK_M 256 and 8-warp tiles were slower everywhere.
 # XPERM_2 / XPERM_13 (dot: A handed over in fragment order; --sweep-set xperm,
-# bench_moe_sweep_xperm_h100.txt) and GO (gemv: groups-outer tiles; --sweep-set go,
-# bench_moe_h100.json) on an H100: XPERM_13 + XPERM_2 on the 128-row blocks (Qwen3-30B-A3B 4096
+# bench_moe_sweep_xperm_h100.txt) on an H100: XPERM_13 + XPERM_2 on the 128-row blocks (Qwen3-30B-A3B 4096
 # tokens 1073 -> 938 µs, Mixtral-8x7B 1024 / 4096 tokens 2347 -> 1868 / 7645 -> 6807 µs), XPERM_2
 # wherever a gate_up tile covers whole down K tiles (Qwen 16 / 64 tokens 124 -> 116 / 181 -> 171
-# µs; with the down's 128-wide K tiles of FEW_PROGRAMS it cost 1-5 %), GO on every gemv row
-# (Qwen 1 token 21.3 -> 19.7 µs, Mixtral 4 tokens 278.9 -> 266.3 µs).
+# µs; with the down's 128-wide K tiles of FEW_PROGRAMS it cost 1-5 %).
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3, XPERM_2=True,
@@ -73,10 +71,10 @@ _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128
 MOE_CONFIGS = {
     "cuda": [
         (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4,
-                     BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2, GO=True,
+                     BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2,
                      SERIAL_PAIRS=1 << 30)),
         (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1,
-                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, GO=True, SERIAL_PAIRS=64,
+                   BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, SERIAL_PAIRS=64,
                    MAX_PAIRS=64)),
         (24.0, dict(_DOT, BLOCK_M=16)),
         (96.0, dict(_DOT, BLOCK_M=32)),
@@ -187,7 +185,6 @@ class TritonMoEKernel(Int4MoEKernel):
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
-                      GO=cfg.get("GO", False),
                       num_stages=cfg.get("stages", 2))
         h_order = None  # XPERM_2: gate_up writes h in the down GEMM's fragment order
         if cfg["path"] == "dot" and cfg.get("XPERM_2") and common["num_stages"] <= 3:

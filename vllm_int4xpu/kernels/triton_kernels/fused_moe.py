@@ -17,8 +17,7 @@ Two paths for the GEMMs (chosen by ``moe_triton.choose_moe_config`` from pairs p
 * **gemv** (:func:`moe_gemv_kernel`, decode): one program per (N tile, pair, K split) on CUDA
   cores; a pair reads its expert id itself, so no token sort is needed (``SORTED`` walks the pairs
   in expert order instead, so programs on the same expert run together and share its weight
-  through L2; ``GO`` holds tiles of several groups groups-outer, so each thread's converted x
-  values serve several rows). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
+  through L2). Nibbles (2p+1, 2p) come from one shift as 1 + q/16 and 1 + q/256
   (``common.nibble_pair_as_float``), so a weight costs ~half a shift, one LOP3 and one FMA; the
   group's scale and offset are applied once per K tile. A K tile may hold several whole groups
   (:func:`_gemv_multi_group`: power-of-two groups, K a multiple of the tile), which keeps more
@@ -108,7 +107,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
                     HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr,
-                    GROUP_M: tl.constexpr, PDL: tl.constexpr, GO: tl.constexpr):
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
     N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
     with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
@@ -137,12 +136,7 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
     k_hi = tl.minimum(k_lo + tiles_per_split * BLOCK_K, K)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if GPT > 1 and GO:
-        acc, acc_u = _gemv_multi_group_go(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo,
-                                          k_hi, offs_n, n_mask, N, NS, stride_qn, one_bits, GATED,
-                                          ZERO_KIND, HAS_PERM, BLOCK_N, BLOCK_K, GPT, GROUP_SHIFT)
-        k_hi = k_lo  # done: skip the one-group loop below
-    elif GPT > 1:
+    if GPT > 1:
         acc, acc_u = _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi,
                                        offs_n, n_mask, N, NS, stride_qn, one_bits, GATED,
                                        ZERO_KIND, HAS_PERM, BLOCK_N, BLOCK_K, GPT, GROUP_SHIFT)
@@ -198,58 +192,14 @@ def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, o
                       N, NS, stride_qn, one_bits, GATED: tl.constexpr, ZERO_KIND: tl.constexpr,
                       HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GPT: tl.constexpr, GROUP_SHIFT: tl.constexpr):
-    """:func:`moe_gemv_kernel`'s K loop with tiles of GPT groups: the weight words are held as
-    [BLOCK_N, GPT, words per group] so each group's partial sums reduce on their own axis and
-    meet their scale and offset once per tile (more words in flight per thread than one-group
-    tiles of small groups allow). K is a multiple of BLOCK_K (no masks along K)."""
-    SW: tl.constexpr = BLOCK_K // 8 // GPT  # words per group
-    offs_g = tl.arange(0, GPT)
-    offs_s = tl.arange(0, SW)
-    wofs = offs_g[:, None] * SW + offs_s[None, :]  # [GPT, SW] word offsets in the tile
-    nm3 = n_mask[:, None, None]
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        wk = k0 // 8 + wofs
-        words = tl.load(w_rows[:, :, None] + wk[None, :, :], mask=nm3, other=0)
-        if GATED:
-            words_u = tl.load(w_rows[:, :, None] + N * stride_qn + wk[None, :, :], mask=nm3,
-                              other=0)
-        t = tl.zeros([BLOCK_N, GPT, SW], dtype=tl.float32)
-        t_u = tl.zeros([BLOCK_N, GPT, SW], dtype=tl.float32)
-        x_scaled = tl.zeros([GPT, SW], dtype=tl.float32)
-        x_plain = tl.zeros([GPT, SW], dtype=tl.float32)
-        for p in tl.static_range(4):
-            x_lo, x_hi = _x_planes(a_row, perm_e, k0 + 8 * wofs + 2 * p, k_hi, HAS_PERM, True)
-            x_lo256 = x_lo * 256.0
-            x_hi16 = x_hi * 16.0
-            hi, lo = nibble_pair_as_float(words, p, one_bits)
-            t += hi * x_hi16[None, :, :]
-            t += lo * x_lo256[None, :, :]
-            if GATED:
-                hi_u, lo_u = nibble_pair_as_float(words_u, p, one_bits)
-                t_u += hi_u * x_hi16[None, :, :]
-                t_u += lo_u * x_lo256[None, :, :]
-            x_scaled += x_hi16 + x_lo256
-            x_plain += x_hi + x_lo
-        xs = tl.sum(x_scaled, 1)[None, :]  # [1, GPT]
-        xp = tl.sum(x_plain, 1)[None, :]
-        g = ((k0 >> GROUP_SHIFT) + offs_g)[None, :]
-        s, b = group_scale_offset(s_e, z_e, g, offs_n[:, None], n_mask[:, None], NS, ZERO_KIND)
-        acc += tl.sum(s * (tl.sum(t, 2) - xs) + b * xp, 1)
-        if GATED:
-            s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n[:, None] + N, n_mask[:, None], NS,
-                                          ZERO_KIND)
-            acc_u += tl.sum(s_u * (tl.sum(t_u, 2) - xs) + b_u * xp, 1)
-    return acc, acc_u
-
-
-@triton.jit
-def _gemv_multi_group_go(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, offs_n, n_mask,
-                         N, NS, stride_qn, one_bits, GATED: tl.constexpr, ZERO_KIND: tl.constexpr,
-                         HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GPT: tl.constexpr, GROUP_SHIFT: tl.constexpr):
-    """As :func:`_gemv_multi_group` with the tile held groups-outer, [GPT, BLOCK_N, words per
-    group]: the load layout then spreads a warp's lanes over the groups and words of a row and
-    repeats rows in each thread, so each x value a thread converts serves several rows."""
+    """:func:`moe_gemv_kernel`'s K loop with tiles of GPT groups: the weight words are held
+    groups-outer, [GPT, BLOCK_N, words per group], so each group's partial sums reduce on their own
+    axis and meet their scale and offset once per tile (more words in flight per thread than
+    one-group tiles of small groups allow), and the load layout spreads a warp's lanes over the
+    groups and words of a row and repeats rows in each thread, so each x value a thread converts
+    serves several rows (rows-outer, [BLOCK_N, GPT, words], each thread held one row: 7-24 % more
+    instructions per K tile on sm_90 and 2-5 % slower on an H100, BENCHMARKS.md). K is a
+    multiple of BLOCK_K (no masks along K)."""
     SW: tl.constexpr = BLOCK_K // 8 // GPT  # words per group
     offs_g = tl.arange(0, GPT)
     offs_s = tl.arange(0, SW)
@@ -597,14 +547,13 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
              FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2, XPERM=False,
-             a_order=None, out_order=None, GO=False):
+             a_order=None, out_order=None):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
     gemv path, ``y`` [M, N] given (down only, :func:`serial_ok`): the down GEMM also reduces
     into y, and no reduce launch is needed. Returns whether y was written.
     Dot path, A's columns in fragment order instead of permuted per K tile in the kernel:
-    gemv path, ``GO``: tiles of several groups held groups-outer (:func:`_gemv_multi_group_go`).
     ``XPERM`` (gate_up) gathers x into this launch's order (:func:`x_order`) first, where it has
     one; ``a_order`` (down) says which order h was written in (the gate_up's ``out_order``),
     used only if it is this launch's own; ``out_order`` (gate_up): write h in that order."""
@@ -642,7 +591,7 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
                               topk_weights, P, N, K, group, *strides, ONE_BITS,
                               SORTED=bool(SORTED), SERIAL=serial, TOP_K=top_k,
-                              EVEN_K=K % bk == 0, GPT=gpt, GO=bool(GO), **common)
+                              EVEN_K=K % bk == 0, GPT=gpt, **common)
         return serial
     sorted_ids, block_expert, npad = sorting
     operand = dot_operand(a.dtype, scales.dtype, zeros.dtype, zero_kind, group, K, has_perm,
