@@ -9,6 +9,10 @@ per shape and M.
 Prints median ms of ``bf16``, ``dp`` (the VDPBF16PS path at this M) and ``dense`` (w dequantized
 into the reused buffer, torch's GEMM of x @ w^T), each path's speed relative to bf16, and which
 path is faster. Group 64, integer zero points.
+
+``--chunks 256,1024`` also times the dense path done in chunks of that many channels (each chunk
+dequantized into a small buffer that stays in cache, one GEMM per chunk into y's columns; equal
+to the whole-layer dense path, bit for bit), printed as each chunking's speed relative to bf16.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main():
     ap.add_argument("--preset", default="smollm2,1b", help="bench_cpu.py presets, comma-separated")
     ap.add_argument("--ms", default="128,256,384,512,1024")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--chunks", default="", help="channels per chunk of a chunked dense path")
     args = ap.parse_args()
     if not cpu_native.dp_built() or cpu_native.amx_enabled():
         raise SystemExit("needs a CPU with AVX512-BF16 and without AMX (the dense path's case)")
@@ -49,6 +54,7 @@ def main():
             prepared = kern.prepare(w)
             tensors = [prepared[n] for n in kern.tensor_names]
             wd = torch.randn(N, K, dtype=torch.bfloat16)
+            chunks = [int(c) for c in args.chunks.split(",") if c]
 
             def path(dense_from):  # either path at every M, whatever the layer's size
                 def run(x):
@@ -58,6 +64,11 @@ def main():
             for M in map(int, args.ms.split(",")):
                 x = torch.randn(M, K, dtype=torch.bfloat16)
                 fns = {"bf16": lambda x: F.linear(x, wd), "dp": path(1 << 30), "dense": path(1)}
+                fns.update({f"c{c}": chunked(prepared["qb"], prepared["sb"], N, K, c)
+                            for c in chunks})
+                if chunks:
+                    ref = fns["dense"](x)
+                    assert all(torch.equal(fns[f"c{c}"](x), ref) for c in chunks)
                 times = {k: [] for k in fns}
                 for fn in fns.values():
                     fn(x)
@@ -69,7 +80,29 @@ def main():
                 ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
                 print(f"{shape:>11} {M:>5} {ms['bf16']:8.3f} {ms['dp']:8.3f} {ms['dense']:8.3f} "
                       f"{ms['bf16'] / ms['dp']:9.2f} {ms['bf16'] / ms['dense']:10.2f}  "
-                      f"{'dp' if ms['dp'] < ms['dense'] else 'dense'}", flush=True)
+                      f"{'dp' if ms['dp'] < ms['dense'] else 'dense'}"
+                      + "".join(f"  c{c} x bf16 {ms['bf16'] / ms[f'c{c}']:.2f}" for c in chunks),
+                      flush=True)
+
+
+def chunked(qb, sb, N: int, K: int, nc: int, group: int = 64):
+    """The dense path in chunks of ``nc`` channels (a multiple of the kernel's 16-channel
+    blocks): each chunk dequantized into a cache-sized buffer and multiplied on its own."""
+    lib, _ = cpu_native.load_library()
+    dt, threads = cpu_native._DT[torch.bfloat16], torch.get_num_threads()
+    buf = torch.empty(nc, K, dtype=torch.bfloat16)
+    q_step, s_step = K // 2 * nc, K // group * 2 * nc * 4  # bytes per chunk (blocks of 16)
+
+    def run(x):
+        y = torch.empty(x.shape[0], N, dtype=torch.bfloat16)
+        for i, n0 in enumerate(range(0, N, nc)):
+            c = min(nc, N - n0)
+            rc = lib.int4_dequant(qb.data_ptr() + i * q_step, sb.data_ptr() + i * s_step, c, K,
+                                  group, buf.data_ptr(), dt, threads)
+            assert rc == 0, rc
+            y[:, n0:n0 + c] = torch.mm(x, buf[:c].t())
+        return y
+    return run
 
 
 if __name__ == "__main__":
