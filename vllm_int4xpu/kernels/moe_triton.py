@@ -60,10 +60,11 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # Mixtral-8x7B 1024 tokens 2398 vs 2557 µs) and lost to 32 at 64 (Qwen 1024: 467 vs 417 µs),
 # hence 128 from 192 pairs per expert on; BLOCK_M 256 and 8-warp tiles were slower everywhere.
 # XPERM_2 / XPERM_13 (dot: A handed over in fragment order; --sweep-set xperm,
-# bench_moe_sweep_xperm_h100.txt) on an H100: XPERM_13 + XPERM_2 on the 128-row blocks (Qwen3-30B-A3B 4096
-# tokens 1073 -> 938 µs, Mixtral-8x7B 1024 / 4096 tokens 2347 -> 1868 / 7645 -> 6807 µs), XPERM_2
-# wherever a gate_up tile covers whole down K tiles (Qwen 16 / 64 tokens 124 -> 116 / 181 -> 171
-# µs; with the down's 128-wide K tiles of FEW_PROGRAMS it cost 1-5 %).
+# bench_moe_sweep_xperm_h100.txt) on an H100: XPERM_13 + XPERM_2 on the 128-row blocks
+# (Qwen3-30B-A3B 4096 tokens 1073 -> 938 µs, Mixtral-8x7B 1024 / 4096 tokens 2347 -> 1868 /
+# 7645 -> 6807 µs), XPERM_2 wherever a gate_up tile covers whole down K tiles (Qwen 16 / 64
+# tokens 124 -> 116 / 181 -> 171 µs; with the down's 128-wide K tiles of FEW_PROGRAMS it cost
+# 1-5 %).
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3, XPERM_2=True,
@@ -187,10 +188,11 @@ class TritonMoEKernel(Int4MoEKernel):
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
                       num_stages=cfg.get("stages", 2))
         h_order = None  # XPERM_2: gate_up writes h in the down GEMM's fragment order
-        if cfg["path"] == "dot" and cfg.get("XPERM_2") and common["num_stages"] <= 3:
+        if cfg["path"] == "dot" and cfg.get("XPERM_2"):
             h_order = fm.x_order(fm.dot_operand(
                 x.dtype, s2.dtype, z2.dtype, zk, spec.group_w2, I, p2.numel() > 0, False,
-                cfg["BLOCK_N_2"], cfg["BLOCK_K_2"], cfg["warps_2"], common["FRAG"], x.is_cuda), I)
+                cfg["BLOCK_N_2"], cfg["BLOCK_K_2"], cfg["warps_2"], common["FRAG"], x.is_cuda), I,
+                common["num_stages"])
             if h_order and cfg["BLOCK_N_13"] % h_order[0]:
                 h_order = None  # a gate_up tile would write parts of two down K tiles' columns
         h = torch.empty((P, I), dtype=x.dtype, device=x.device)

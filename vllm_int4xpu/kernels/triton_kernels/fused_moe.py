@@ -528,11 +528,12 @@ def dot_operand(a_dtype, scales_dtype, zeros_dtype, zero_kind: int, group: int, 
     return frag, use_asm, bk
 
 
-def x_order(operand, K: int):
+def x_order(operand, K: int, num_stages: int):
     """The (BLOCK_K, packed) fragment order a dot launch with ``operand`` (:func:`dot_operand`)
-    can take its A columns in, pre-permuted (X_FRAG), or None: FRAG 1/2 and whole K tiles."""
+    can take its A columns in, pre-permuted (X_FRAG), or None: FRAG 1/2, whole K tiles and at
+    most 3 pipeline stages (4 gave NaN on an H100, Mixtral-8x7B at 4096 tokens, Triton 3.6)."""
     frag, _, bk = operand
-    return (bk, frag == 2) if frag and K % bk == 0 else None
+    return (bk, frag == 2) if frag and K % bk == 0 and num_stages <= 3 else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -597,10 +598,9 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     operand = dot_operand(a.dtype, scales.dtype, zeros.dtype, zero_kind, group, K, has_perm,
                           gated, BLOCK_N, BLOCK_K, num_warps, FRAG, a.is_cuda)
     frag, use_asm, bk = operand
-    order = x_order(operand, K)
+    order = x_order(operand, K, num_stages)
     if gated:
-        # (not with more than 3 stages: 4 gave NaN on an H100, Mixtral-8x7B at 4096 tokens)
-        x_frag = bool(XPERM) and order is not None and num_stages <= 3
+        x_frag = bool(XPERM) and order is not None
         if x_frag:
             a = a.index_select(1, _x_gather_index(K, order[0], order[1], a.device))
             strides = (a.stride(0),) + strides[1:]
