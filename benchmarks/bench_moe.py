@@ -254,6 +254,13 @@ SWEEP = {
     # 256 / 1024 tokens: block heights with both operands pre-permuted; --sweep-set xperm_m
     "xperm_m": [dict(BLOCK_M=32, XPERM_13=True), dict(BLOCK_M=64, XPERM_13=True),
                 dict(BLOCK_M=128, XPERM_13=True), dict(BLOCK_M=64), dict(XPERM_2=False)],
+    # gemv rows with PDL between gate_up and down: the down GEMM's first weight tile fetched
+    # before its wait for gate_up (PREFETCH), gate_up letting down launch at its start
+    # (PDL_EARLY) rather than after its K loop; the last entry repeats the dispatcher's row (the
+    # spread of the sequential timings); run with --sweep-set pdl_prefetch
+    "pdl_prefetch": [dict(PDL=True), dict(PDL=True, PREFETCH=True),
+                     dict(PDL=True, PDL_EARLY=True), dict(PDL=True, PDL_EARLY=True, PREFETCH=True),
+                     dict()],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

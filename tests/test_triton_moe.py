@@ -176,6 +176,21 @@ def test_gemv_serial_reduce(zero_kind, group, top_k, act_order, block_k, M, spli
 
 
 @interpreted
+@pytest.mark.parametrize("block_k,split", [(32, 1), (64, 2)])
+def test_gemv_down_prefetch(block_k, split):
+    """The down GEMM fetching each weight tile one tile ahead (PREFETCH: the first before PDL's
+    wait for gate_up): one-group tiles (4 per program) and two-group tiles (one per K split),
+    bit-equal to the plain loop and against the oracle."""
+    w13, w2, kern, t = make_layer(6, 192, 128, 32, ZeroKind.INT, torch.float16, seed=block_k)
+    tw, ids = routing(3, 6, 2, seed=1)
+    x = torch.randn(3, 192, dtype=torch.float16)
+    cfg = dict(GEMV, BLOCK_K_2=block_k, SPLIT_K=split)
+    y = kern.apply(t, x, tw, ids, config=dict(cfg, PREFETCH=True))
+    assert torch.equal(y, kern.apply(t, x, tw, ids, config=cfg))
+    assert rel(y, reference_moe(x, w13, w2, tw, ids)) < TOL[torch.float16]
+
+
+@interpreted
 def test_dot_several_blocks_per_expert():
     """Many rows on few experts: several (partly padded) BLOCK_M blocks per expert."""
     w13, w2, kern, t = make_layer(3, 64, 32, 32, ZeroKind.FLOAT, torch.float16, seed=9)
@@ -269,10 +284,12 @@ def test_grouped_program_order(path):
 
 @interpreted
 @pytest.mark.parametrize("M,top_k,E,bm", [(5, 2, 5, 4), (37, 8, 16, 16), (300, 2, 8, 64),
-                                          (1, 8, 128, 16), (700, 4, 40, 32)])
+                                          (1, 8, 128, 16), (700, 4, 40, 32), (16, 8, 128, 16),
+                                          (16, 2, 8, 16)])
 def test_sort_pairs_triton_equals_torch(M, top_k, E, bm):
-    """The three-launch Triton sort gives the torch sort's runs (stable order, padding,
-    block experts, padded count) for chunks of 128 pairs, one and many, idle experts."""
+    """The Triton sort gives the torch sort's runs (stable order, padding, block experts,
+    padded count): in one launch where the pairs fit one chunk of 128 (up to exactly 128), in
+    three over many chunks; idle experts."""
     gen = torch.Generator().manual_seed(M)
     ids = torch.stack([torch.randperm(E, generator=gen)[:top_k] for _ in range(M)])
     ref = fm.sort_pairs(ids, E, bm)

@@ -115,6 +115,9 @@ def main():
     ap.add_argument("--x-frag", action="store_true",
                     help="moe_dot: A's columns already in fragment order (XPERM)")
     ap.add_argument("--gpt", type=int, default=1, help="moe_gemv: groups per K tile")
+    ap.add_argument("--dump", default=None, help="write the SASS to this file")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="moe_gemv (down): first weight tile fetched before the PDL wait")
     ap.add_argument("--m", type=int, default=0,
                     help="M as the JIT specializes it (1 becomes a constant); 0: runtime")
     a = ap.parse_args()
@@ -137,7 +140,8 @@ def main():
         weights = a.block_n * a.block_k * (2 if a.gated else 1)
     elif a.kernel == "moe_gemv":
         fn, cex = fused_moe.moe_gemv_kernel, dict(moe, SORTED=False, SERIAL=not a.gated,
-                                                  TOP_K=8, GPT=a.gpt)
+                                                  TOP_K=8, GPT=a.gpt, PDL_EARLY=False,
+                                                  PREFETCH=a.prefetch and not a.gated)
         weights = a.block_n * a.block_k * (2 if a.gated else 1)
     elif a.kernel == "gemv":
         fn, cex = gemv.int4_gemv_kernel, dict(common, EVEN_N=True, X_PAIRS=1, ROWS=a.rows,
@@ -165,6 +169,8 @@ def main():
     print(f"whole kernel: {n_all} instructions; {ptxas_registers(ck.asm['ptx'])}")
     if a.pdl:
         print("griddepcontrol in PTX:", ck.asm["ptx"].count("griddepcontrol"))
+        if a.dump:
+            Path(a.dump).write_text(ck.asm["sass"])
 
 
 if __name__ == "__main__":

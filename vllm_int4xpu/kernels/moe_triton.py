@@ -186,6 +186,7 @@ class TritonMoEKernel(Int4MoEKernel):
         common = dict(path=cfg["path"], sorting=sorting, BLOCK_M=cfg.get("BLOCK_M", 16),
                       SORTED=cfg.get("SORTED", False), FRAG=cfg.get("FRAG", 0),
                       GROUP_M=cfg.get("GROUP_M", 1), PDL=cfg.get("PDL", False),
+                      PDL_EARLY=cfg.get("PDL_EARLY", False), PREFETCH=cfg.get("PREFETCH", False),
                       num_stages=cfg.get("stages", 2))
         h_order = None  # XPERM_2: gate_up writes h in the down GEMM's fragment order
         if cfg["path"] == "dot" and cfg.get("XPERM_2"):

@@ -107,7 +107,8 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
                     HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, GROUP_SHIFT: tl.constexpr, GPT: tl.constexpr,
-                    GROUP_M: tl.constexpr, PDL: tl.constexpr):
+                    GROUP_M: tl.constexpr, PDL: tl.constexpr, PDL_EARLY: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """One (N tile, pair, K split). GATED: out [P, N] = act(gate) * up (N = I, weight rows n and
     N + n); else out fp32 [SPLIT_K, P, N] = router weight * partial sum (:func:`_down_epilogue`;
     with SERIAL the last arrival also writes y). A K tile spans GPT whole groups (GPT > 1 only
@@ -119,7 +120,9 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
     else:
         pair = pid_p
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    if not GATED:
+    if GATED and PDL_EARLY:
+        pdl_launch_next(PDL)  # down's programs may start now and fetch their weights
+    if not GATED and not PREFETCH:
         pdl_wait(PDL)  # down reads h (gate_up's output) from here on
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -139,12 +142,25 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
     if GPT > 1:
         acc, acc_u = _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi,
                                        offs_n, n_mask, N, NS, stride_qn, one_bits, GATED,
-                                       ZERO_KIND, HAS_PERM, BLOCK_N, BLOCK_K, GPT, GROUP_SHIFT)
+                                       ZERO_KIND, HAS_PERM, BLOCK_N, BLOCK_K, GPT, GROUP_SHIFT,
+                                       PDL, PREFETCH)
         k_hi = k_lo  # done: skip the one-group loop below
+    PF1: tl.constexpr = PREFETCH and GPT == 1
+    if PF1:  # down: its first weight tile is fetched before waiting for h
+        wk = k_lo // 8 + offs_w
+        words_nx = tl.load(w_rows + wk[None, :], other=0, mask=n_mask[:, None] & (
+            ((wk < K // 8) | EVEN_K) & (tl.zeros([BW], dtype=tl.int32) + k_lo < k_hi))[None, :])
+        pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         wk = k0 // 8 + offs_w
         wmask = n_mask[:, None] & ((wk < K // 8) | EVEN_K)[None, :]
-        words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
+        if PF1:
+            words = words_nx
+            wk1 = wk + BLOCK_K // 8
+            words_nx = tl.load(w_rows + wk1[None, :], other=0, mask=n_mask[:, None] & (
+                ((wk1 < K // 8) | EVEN_K) & (tl.zeros([BW], tl.int32) + k0 + BLOCK_K < k_hi))[None, :])
+        else:
+            words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
         if GATED:
             words_u = tl.load(w_rows + N * stride_qn + wk[None, :], mask=wmask, other=0)
         # Nibble j of word w is channel k0 + 8 w + j. Nibbles (2p+1, 2p) come from one shift as
@@ -176,7 +192,8 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
             s_u, b_u = group_scale_offset(s_e, z_e, g, offs_n + N, n_mask, NS, ZERO_KIND)
             acc_u += s_u * (tl.sum(t_u, 1) - xs) + b_u * xp
     if GATED:
-        pdl_launch_next(PDL)  # down's programs may take the slots this grid's tail frees
+        if not PDL_EARLY:
+            pdl_launch_next(PDL)  # down's programs may take the slots this grid's tail frees
         h = _act(acc, ACT) * acc_u
         tl.store(out_ptr + pair.to(tl.int64) * N + offs_n, h.to(out_ptr.dtype.element_ty),
                  mask=n_mask)
@@ -191,7 +208,8 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
 def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, offs_n, n_mask,
                       N, NS, stride_qn, one_bits, GATED: tl.constexpr, ZERO_KIND: tl.constexpr,
                       HAS_PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GPT: tl.constexpr, GROUP_SHIFT: tl.constexpr):
+                      GPT: tl.constexpr, GROUP_SHIFT: tl.constexpr, PDL: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     """:func:`moe_gemv_kernel`'s K loop with tiles of GPT groups: the weight words are held
     groups-outer, [GPT, BLOCK_N, words per group], so each group's partial sums reduce on their own
     axis and meet their scale and offset once per tile (more words in flight per thread than
@@ -206,9 +224,20 @@ def _gemv_multi_group(acc, acc_u, w_rows, s_e, z_e, a_row, perm_e, k_lo, k_hi, o
     wofs = offs_g[:, None] * SW + offs_s[None, :]  # [GPT, SW] word offsets in the tile
     nm3 = n_mask[None, :, None]
     rows3 = w_rows[None, :, :]  # [1, BLOCK_N, 1]
+    if PREFETCH:  # down (see moe_gemv_kernel)
+        wk = (k_lo // 8 + wofs)[:, None, :]
+        words_nx = tl.load(rows3 + wk, other=0,
+                           mask=nm3 & (tl.zeros([1, 1, 1], tl.int32) + k_lo < k_hi))
+        pdl_wait(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         wk = (k0 // 8 + wofs)[:, None, :]
-        words = tl.load(rows3 + wk, mask=nm3, other=0)
+        if PREFETCH:
+            words = words_nx
+            wk1 = wk + BLOCK_K // 8
+            words_nx = tl.load(rows3 + wk1, other=0,
+                               mask=nm3 & (tl.zeros([1, 1, 1], tl.int32) + k0 + BLOCK_K < k_hi))
+        else:
+            words = tl.load(rows3 + wk, mask=nm3, other=0)
         if GATED:
             words_u = tl.load(rows3 + N * stride_qn + wk, mask=nm3, other=0)
         t = tl.zeros([GPT, BLOCK_N, SW], dtype=tl.float32)
@@ -464,23 +493,60 @@ def sort_scatter_kernel(ids_ptr, hist_ptr, sorted_ptr, P, E, CH: tl.constexpr):
     tl.store(sorted_ptr + base + rank, offs, mask=ok)
 
 
+@triton.jit
+def sort_one_chunk_kernel(ids_ptr, sorted_ptr, block_expert_ptr, npad_ptr, P, E, n_blocks,
+                          BM: tl.constexpr, CH: tl.constexpr, E_BLOCK: tl.constexpr,
+                          BB: tl.constexpr):
+    """The three sort launches in one program, for P <= CH pairs (decode on the dot path):
+    count, padded runs, padding, block experts and npad as :func:`sort_offsets_kernel`, then
+    each pair to its run's start plus its rank among the earlier pairs of its expert."""
+    i = tl.arange(0, CH)
+    ok = i < P
+    ids = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
+    offs_e = tl.arange(0, E_BLOCK)
+    e_ok = offs_e < E
+    counts = tl.histogram(ids, E_BLOCK)
+    counts -= tl.where(offs_e == 0, CH - tl.sum(ok.to(tl.int32), 0), 0)  # masked slots in bin 0
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    pad = (starts + counts)[:, None] + tl.arange(0, BM)[None, :]
+    tl.store(sorted_ptr + pad, P + pad * 0, mask=e_ok[:, None] & (pad < ends[:, None]))
+    tl.store(npad_ptr, tl.sum(padded, 0))
+    for b0 in range(0, n_blocks, BB):
+        b = b0 + tl.arange(0, BB)
+        ex = tl.sum(((ends[None, :] <= (b * BM)[:, None]) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + b, tl.minimum(ex, E - 1), mask=b < n_blocks)
+    base = tl.sum(tl.where(ids[:, None] == offs_e[None, :], starts[None, :], 0), 1)
+    same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None]) & ok[None, :]
+    rank = tl.sum(same.to(tl.int32), 1)
+    tl.store(sorted_ptr + base + rank, i, mask=ok)
+
+
 SORT_CHUNK = 128
+SORT_ONE_LAUNCH = True  # one chunk: sort_one_chunk_kernel (False: the three launches; tuning)
 
 
 def sort_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """:func:`sort_pairs` in three Triton launches (count per chunk, offsets, scatter), stable
-    and deterministic; entries of ``sorted`` past npad are not written (no kernel reads them)."""
+    """:func:`sort_pairs` in three Triton launches (count per chunk, offsets, scatter), or one
+    where the pairs fit one chunk; stable and deterministic; entries of ``sorted`` past npad are
+    not written (no kernel reads them)."""
     flat = topk_ids.reshape(-1)
     P = flat.numel()
     dev = flat.device
     E = num_experts
     n_chunks = triton.cdiv(P, SORT_CHUNK)
     n_blocks = max_blocks(P, E, block_m)
-    hist = torch.empty((n_chunks, E), dtype=torch.int32, device=dev)
     sorted_ids = torch.empty((P + E * (block_m - 1),), dtype=torch.int32, device=dev)
     block_expert = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     npad = torch.empty((1,), dtype=torch.int32, device=dev)
     e_block = max(16, triton.next_power_of_2(E))
+    if n_chunks == 1 and SORT_ONE_LAUNCH:
+        sort_one_chunk_kernel[(1,)](flat, sorted_ids, block_expert, npad, P, E, n_blocks,
+                                    BM=block_m, CH=SORT_CHUNK, E_BLOCK=e_block,
+                                    BB=max(1, 4096 // e_block), num_warps=4)
+        return sorted_ids, block_expert, npad
+    hist = torch.empty((n_chunks, E), dtype=torch.int32, device=dev)
     sort_count_kernel[(n_chunks,)](flat, hist, P, E, CH=SORT_CHUNK, E_BLOCK=e_block)
     sort_offsets_kernel[(1,)](hist, sorted_ids, block_expert, npad, P, E, n_chunks, n_blocks,
                               BM=block_m, E_BLOCK=e_block, R=max(1, 4096 // e_block),
@@ -548,7 +614,7 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
              topk_weights, top_k: int, gated: bool, act: int = 0, path: str = "gemv",
              sorting=None, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1, SORTED=False,
              FRAG=0, GROUP_M=1, PDL=False, y=None, num_warps=4, num_stages=2, XPERM=False,
-             a_order=None, out_order=None):
+             a_order=None, out_order=None, PDL_EARLY=False, PREFETCH=False):
     """One expert GEMM over all pairs. a: x [M, K] (gate_up, A_DIV = top_k) or h [P, K] (down);
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
@@ -591,6 +657,8 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
         order = sorting if SORTED else ids
         moe_gemv_kernel[grid](a, qweight, scales, zeros, pm, out, yy, cnt, ids, order,
                               topk_weights, P, N, K, group, *strides, ONE_BITS,
+                              PDL_EARLY=pdl and bool(PDL_EARLY),
+                              PREFETCH=bool(PREFETCH) and not gated,
                               SORTED=bool(SORTED), SERIAL=serial, TOP_K=top_k,
                               EVEN_K=K % bk == 0, GPT=gpt, **common)
         return serial
