@@ -64,7 +64,11 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # (Qwen3-30B-A3B 4096 tokens 1073 -> 938 µs, Mixtral-8x7B 1024 / 4096 tokens 2347 -> 1868 /
 # 7645 -> 6807 µs), XPERM_2 wherever a gate_up tile covers whole down K tiles (Qwen 16 / 64
 # tokens 124 -> 116 / 181 -> 171 µs; with the down's 128-wide K tiles of FEW_PROGRAMS it cost
-# 1-5 %).
+# 1-5 %). PDL between the gemv GEMMs with down's first weight tile fetched before its wait
+# (PREFETCH) and gate_up releasing down at its start (PDL_EARLY), H100 (--sweep-set
+# pdl_prefetch, bench_moe_sweep_pdl_prefetch_h100.txt): Qwen3-30B-A3B at 1 token 19.8-20.0 ->
+# 18.7 µs, so on the first gemv row; at 4 tokens and on Mixtral-8x7B (1 / 4 tokens) no variant
+# beat the spread, and PREFETCH alone cost up to 7 % (168 instead of 128 registers).
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3, XPERM_2=True,
@@ -73,7 +77,7 @@ MOE_CONFIGS = {
     "cuda": [
         (0.125, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=1024, warps_13=4,
                      BLOCK_N_2=64, BLOCK_K_2=256, SPLIT_K=4, warps_2=2,
-                     SERIAL_PAIRS=1 << 30)),
+                     SERIAL_PAIRS=1 << 30, PDL=True, PDL_EARLY=True, PREFETCH=True)),
         (2.0, dict(path="gemv", SORTED=False, BLOCK_N_13=16, BLOCK_K_13=256, warps_13=1,
                    BLOCK_N_2=32, BLOCK_K_2=256, SPLIT_K=8, warps_2=1, SERIAL_PAIRS=64,
                    MAX_PAIRS=64)),

@@ -494,12 +494,14 @@ def sort_scatter_kernel(ids_ptr, hist_ptr, sorted_ptr, P, E, CH: tl.constexpr):
 
 
 @triton.jit
-def sort_one_chunk_kernel(ids_ptr, sorted_ptr, block_expert_ptr, npad_ptr, P, E, n_blocks,
-                          BM: tl.constexpr, CH: tl.constexpr, E_BLOCK: tl.constexpr,
+def sort_one_chunk_kernel(ids_ptr, sorted_ptr, block_expert_ptr, npad_ptr, scratch_ptr, P, E,
+                          n_blocks, BM: tl.constexpr, CH: tl.constexpr, E_BLOCK: tl.constexpr,
                           BB: tl.constexpr):
     """The three sort launches in one program, for P <= CH pairs (decode on the dot path):
-    count, padded runs, padding, block experts and npad as :func:`sort_offsets_kernel`, then
-    each pair to its run's start plus its rank among the earlier pairs of its expert."""
+    count, padded runs, padding and npad as :func:`sort_offsets_kernel`; each expert writes its
+    own blocks' expert (at most CH / BM), the blocks past npad get E - 1; each pair goes to its
+    run's start (gathered through ``scratch`` [E_BLOCK]) plus its rank among the earlier pairs
+    of its expert."""
     i = tl.arange(0, CH)
     ok = i < P
     ids = tl.load(ids_ptr + i, mask=ok, other=0).to(tl.int32)
@@ -510,14 +512,20 @@ def sort_one_chunk_kernel(ids_ptr, sorted_ptr, block_expert_ptr, npad_ptr, P, E,
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, 0)
     starts = ends - padded
+    tl.store(scratch_ptr + offs_e, starts)
     pad = (starts + counts)[:, None] + tl.arange(0, BM)[None, :]
     tl.store(sorted_ptr + pad, P + pad * 0, mask=e_ok[:, None] & (pad < ends[:, None]))
-    tl.store(npad_ptr, tl.sum(padded, 0))
+    npad = tl.sum(padded, 0)
+    tl.store(npad_ptr, npad)
+    MB: tl.constexpr = CH // BM
+    blk = (starts // BM)[:, None] + tl.arange(0, MB)[None, :]
+    tl.store(block_expert_ptr + blk, offs_e[:, None] + blk * 0,
+             mask=e_ok[:, None] & (blk * BM < ends[:, None]))
     for b0 in range(0, n_blocks, BB):
         b = b0 + tl.arange(0, BB)
-        ex = tl.sum(((ends[None, :] <= (b * BM)[:, None]) & e_ok[None, :]).to(tl.int32), 1)
-        tl.store(block_expert_ptr + b, tl.minimum(ex, E - 1), mask=b < n_blocks)
-    base = tl.sum(tl.where(ids[:, None] == offs_e[None, :], starts[None, :], 0), 1)
+        tl.store(block_expert_ptr + b, E - 1 + b * 0, mask=(b < n_blocks) & (b * BM >= npad))
+    tl.debug_barrier()  # scratch: every thread's starts stored before any is gathered
+    base = tl.load(scratch_ptr + ids)
     same = (ids[:, None] == ids[None, :]) & (i[None, :] < i[:, None]) & ok[None, :]
     rank = tl.sum(same.to(tl.int32), 1)
     tl.store(sorted_ptr + base + rank, i, mask=ok)
@@ -541,10 +549,11 @@ def sort_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     block_expert = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     npad = torch.empty((1,), dtype=torch.int32, device=dev)
     e_block = max(16, triton.next_power_of_2(E))
-    if n_chunks == 1 and SORT_ONE_LAUNCH:
-        sort_one_chunk_kernel[(1,)](flat, sorted_ids, block_expert, npad, P, E, n_blocks,
-                                    BM=block_m, CH=SORT_CHUNK, E_BLOCK=e_block,
-                                    BB=max(1, 4096 // e_block), num_warps=4)
+    if n_chunks == 1 and SORT_ONE_LAUNCH and SORT_CHUNK % block_m == 0:
+        scratch = torch.empty((e_block,), dtype=torch.int32, device=dev)
+        sort_one_chunk_kernel[(1,)](flat, sorted_ids, block_expert, npad, scratch, P, E,
+                                    n_blocks, BM=block_m, CH=SORT_CHUNK, E_BLOCK=e_block,
+                                    BB=256, num_warps=4)
         return sorted_ids, block_expert, npad
     hist = torch.empty((n_chunks, E), dtype=torch.int32, device=dev)
     sort_count_kernel[(n_chunks,)](flat, hist, P, E, CH=SORT_CHUNK, E_BLOCK=e_block)
