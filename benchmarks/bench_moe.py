@@ -261,6 +261,13 @@ SWEEP = {
     "pdl_prefetch": [dict(PDL=True), dict(PDL=True, PREFETCH=True),
                      dict(PDL=True, PDL_EARLY=True), dict(PDL=True, PDL_EARLY=True, PREFETCH=True),
                      dict()],
+    # gemv rows: the down GEMM split into no more parts than it has K tiles (Qwen3-30B-A3B's
+    # down K = 768 is 3 tiles of 256: SPLIT_K 4 / 8 launch 1 / 5 empty programs per tile and
+    # pair, whose zero partials the last arrival still sums), other tile shapes; the last entry
+    # repeats the dispatcher's row; run with --sweep-set down_split
+    "down_split": [dict(SPLIT_K=3), dict(BLOCK_K_2=128, SPLIT_K=6),
+                   dict(BLOCK_K_2=128, SPLIT_K=3), dict(BLOCK_N_2=32, SPLIT_K=3),
+                   dict(BLOCK_N_2=128, SPLIT_K=3), dict()],
     "dot": [dict(BLOCK_N_13=128, BLOCK_K_13=128, warps_13=8, BLOCK_N_2=128, BLOCK_K_2=128,
                  warps_2=8),
             dict(BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,

@@ -146,7 +146,8 @@ def test_group_128_gelu_sorted(path):
 # (zero kind, group, top-k, act-order, BLOCK_K, M, SPLIT_K): the down GEMM reducing in its own
 # programs (SERIAL: the last of a token's top-k x split arrivals sums them into y), one case per
 # zero kind: K tiles of two groups (BLOCK_K 64 over group 32), top-8 with act-order, and
-# per-channel with empty K splits (SPLIT_K 4 over down's 2 tiles), which still count.
+# per-channel with more K splits asked for than down has tiles (SPLIT_K 4 over 2 tiles: 2 are
+# launched, and the last of top_k x 2 arrivals reduces).
 SERIAL = [
     (ZeroKind.NONE, 32, 2, False, 64, 5, 2),
     (ZeroKind.INT, 64, 8, True, 64, 3, 1),
@@ -161,6 +162,7 @@ SERIAL = [
 def test_gemv_serial_reduce(zero_kind, group, top_k, act_order, block_k, M, split):
     from vllm_int4xpu.kernels.triton_kernels.common import tile_counters
     E, H, I = 8, 192, 128
+    assert fm.gemv_splits(split, block_k, group if group > 0 else I, I) == min(split, I // block_k)
     w13, w2, kern, t = make_layer(E, H, I, group, zero_kind, torch.float16, act_order,
                                   seed=block_k + 10 * top_k)
     tw, ids = routing(M, E, top_k, seed=M, experts=[0, 1, 3, 4, 6, 7] if top_k <= 6 else None)

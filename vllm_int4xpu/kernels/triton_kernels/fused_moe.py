@@ -157,8 +157,9 @@ def moe_gemv_kernel(a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, y_ptr, cnt_p
         if PF1:
             words = words_nx
             wk1 = wk + BLOCK_K // 8
+            more = tl.zeros([BW], tl.int32) + k0 + BLOCK_K < k_hi  # a uniform mask
             words_nx = tl.load(w_rows + wk1[None, :], other=0, mask=n_mask[:, None] & (
-                ((wk1 < K // 8) | EVEN_K) & (tl.zeros([BW], tl.int32) + k0 + BLOCK_K < k_hi))[None, :])
+                ((wk1 < K // 8) | EVEN_K) & more)[None, :])
         else:
             words = tl.load(w_rows + wk[None, :], mask=wmask, other=0)
         if GATED:
@@ -576,6 +577,21 @@ def _block_k(bk: int, group: int, K: int) -> int:
     return min(bk, max(16, triton.next_power_of_2(K)))
 
 
+def _gemv_tile(block_k: int, group: int, K: int) -> tuple[int, int]:
+    """(K tile, groups per tile) of the gemv path: tiles of several groups where the group is a
+    power of two and every tile is whole (K % tile == 0; K splits start on tile boundaries)."""
+    if group < K and block_k > group and group & (group - 1) == 0:
+        t = triton.next_power_of_2(block_k)
+        if K % t == 0 and t // group <= 16:
+            return t, t // group
+    return _block_k(block_k, group, K), 1
+
+
+def gemv_splits(split_k: int, block_k: int, group: int, K: int) -> int:
+    """The K splits a gemv down GEMM launches: ``split_k``, at most one per K tile."""
+    return min(split_k, triton.cdiv(K, _gemv_tile(block_k, group, K)[0]))
+
+
 def serial_ok(M: int, N: int, block_n: int) -> bool:
     """Whether the down GEMM can reduce in its own programs (:func:`_down_epilogue`): one
     counter per (token, N tile) in the shared counter buffer."""
@@ -638,14 +654,11 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     N = n_rows // 2 if gated else n_rows
     P = topk_ids.numel()
     split = 1 if gated else SPLIT_K
-    bk = _block_k(BLOCK_K, group, K)
-    gpt = 1
-    if path == "gemv" and group < K and BLOCK_K > group and group & (group - 1) == 0:
-        # tiles of several groups, only where every tile is whole (K % tile == 0; K splits
-        # start on tile boundaries)
-        t = triton.next_power_of_2(BLOCK_K)
-        if K % t == 0 and t // group <= 16:
-            bk, gpt = t, t // group
+    if path == "gemv":
+        bk, gpt = _gemv_tile(BLOCK_K, group, K)
+        split = min(split, triton.cdiv(K, bk))  # no K split without a tile
+    else:
+        bk, gpt = _block_k(BLOCK_K, group, K), 1
     has_perm = perm.numel() > 0
     pm = perm if has_perm else qweight
     serial = y is not None and not gated
