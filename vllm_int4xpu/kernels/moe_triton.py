@@ -68,7 +68,11 @@ _MIN_BLOCK_K = 16  # tl.dot needs K tiles of at least 16
 # (PREFETCH) and gate_up releasing down at its start (PDL_EARLY), H100 (--sweep-set
 # pdl_prefetch, bench_moe_sweep_pdl_prefetch_h100.txt): Qwen3-30B-A3B at 1 token 19.8-20.0 ->
 # 18.7 µs, so on the first gemv row; at 4 tokens and on Mixtral-8x7B (1 / 4 tokens) no variant
-# beat the spread, and PREFETCH alone cost up to 7 % (168 instead of 128 registers).
+# beat the spread, and PREFETCH alone cost up to 7 % (168 instead of 128 registers). A gemv
+# down GEMM launches at most one K split per K tile (fm.gemv_splits): Qwen3-30B-A3B's down K of
+# 768 is 3 tiles of 256, so SPLIT_K 8 / 4 run as 3 there (H100, --sweep-set down_split,
+# bench_moe_sweep_down_split_h100.txt: 4 tokens 50.5 -> 43.1 µs, 1 token 18.7 -> 19.0, within
+# the spread), while Mixtral-8x7B's 56 tiles keep the rows' splits.
 DOWN_MIN_PROGRAMS = 528  # 4 x 132 SMs (H100 / H200)
 _DOT = dict(path="dot", BLOCK_N_13=64, BLOCK_K_13=128, warps_13=4, BLOCK_N_2=128, BLOCK_K_2=64,
             SPLIT_K=1, warps_2=4, FRAG=2, stages=3, XPERM_2=True,
