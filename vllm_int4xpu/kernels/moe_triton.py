@@ -210,7 +210,7 @@ class TritonMoEKernel(Int4MoEKernel):
                     BLOCK_K=cfg["BLOCK_K_13"], num_warps=cfg["warps_13"],
                     XPERM=cfg.get("XPERM_13", False), out_order=h_order, **common)
         split = cfg.get("SPLIT_K", 1)
-        if cfg["path"] == "gemv":  # at most one split per K tile (moe_gemm launches as many)
+        if cfg["path"] == "gemv":  # at most one split per K tile: no empty programs
             split = fm.gemv_splits(split, cfg["BLOCK_K_2"], spec.group_w2, I)
         # the dot path's partials (P x H, large at prefill) in the activation dtype: half the
         # traffic of fp32 through the reduce, as vLLM's own intermediate; fp32 for the gemv path

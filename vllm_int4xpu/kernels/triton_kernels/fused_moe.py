@@ -644,7 +644,8 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     qweight [E, N', K/8] (N' = 2N when gated); out: h [P, N] (gated) or [SPLIT_K, P, N].
     ``sorting``: :func:`sort_pairs` output for the dot path (shared by both GEMMs).
     gemv path, ``y`` [M, N] given (down only, :func:`serial_ok`): the down GEMM also reduces
-    into y, and no reduce launch is needed. Returns whether y was written.
+    into y, and no reduce launch is needed. Returns whether y was written. SPLIT_K splits are
+    launched as given (``out`` has that many); :func:`gemv_splits` is the caller's cap.
     Dot path, A's columns in fragment order instead of permuted per K tile in the kernel:
     ``XPERM`` (gate_up) gathers x into this launch's order (:func:`x_order`) first, where it has
     one; ``a_order`` (down) says which order h was written in (the gate_up's ``out_order``),
@@ -656,7 +657,6 @@ def moe_gemm(a, qweight, scales, zeros, perm, zero_kind: int, group: int, out, t
     split = 1 if gated else SPLIT_K
     if path == "gemv":
         bk, gpt = _gemv_tile(BLOCK_K, group, K)
-        split = min(split, triton.cdiv(K, bk))  # no K split without a tile
     else:
         bk, gpt = _block_k(BLOCK_K, group, K), 1
     has_perm = perm.numel() > 0
